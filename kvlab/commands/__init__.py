@@ -1,0 +1,1 @@
+"""``kvlab`` subcommands beyond ``methods`` and ``ppl``: one module each, with ``register(subparsers)``."""

@@ -1,0 +1,659 @@
+"""Flash-decoding attention over a :class:`~kvlab.cache.QuantizedLayer`, read in its packed form.
+
+A layer holds, per (batch row, KV head), ``[sinks | quantized | tail]`` for keys and for values,
+with different quantized lengths (keys in whole blocks of ``G``, values token by token, so
+``Tk >= Tv``). Two kinds of programs share one launch:
+
+* lean programs stream tiles of ``BN`` tokens (``BN`` = the key group, at most 128) whose keys
+  and values are both quantized. A tile is loaded once as packed bytes (``[BN / KPER, D]`` key
+  bytes, ``[BN, D / VPER]`` value bytes) and never re-interleaved: bit field ``j`` of every key
+  byte is a sub-tile of tokens ``KPER * r + j`` that feeds its own ``tl.dot``; bit field ``i`` of
+  every value byte is the channel sub-tile ``VPER * c + i`` with its own accumulator. Codes
+  become fp16 with the 0x6400 exponent trick (two codes per integer op, no int->float
+  conversion), the key scale folds into the query (``q.k = (q * s).code + q.z``) and, when a
+  value group spans the head (G >= head_dim, the default), the value scale folds into ``p``
+  (``sum_t p_t (c_t s_t + z_t) = (p * s) . c + sum_t p_t z_t``), so nothing is dequantized
+  per element.
+* one generic program per (batch row, KV head) handles the rest (sinks, the zone whose keys are
+  quantized but values not yet, the fp16 tails; a few tiles) with simple gathers, in three
+  straight loops (no data-dependent branch that yields tensors: Triton 3.6 miscompiled that
+  form, see docs/kernels.md).
+
+A second kernel merges the partial softmax results (log-sum-exp). Each program holds all
+``n_rep * q_len`` query rows of its KV head (padded to 16 MMA rows), so every KV tile is read
+once per GQA group.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kvlab.kernels.reference import reference_attend
+
+LOG2E = 1.4426950408889634
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton's CPU interpreter multiplies bf16 tl.dot operands wrongly (triton 3.9); it gets fp32 ones.
+# It has no inline assembly either: the interpreter unpacks codes with plain integer ops.
+_INTERPRET = tl.constexpr(triton_interpreting())
+
+# Bytes (4 per 32-bit register) -> fp16 codes of each bit field. prmt spreads bytes b0..b3 into
+# two registers holding (b0, b1) and (b2, b3) as 16-bit halves; per field, (x >> shift) & mask
+# | 0x6400 is the fp16 number 1024 + code, and subtracting 1024 leaves the code exactly.
+_ASM_HEAD = """{
+.reg .b32 a, b, m, k, t;
+mov.b32 m, 0x64006400;
+mov.b32 k, MASK;
+prmt.b32 a, $IN, 0, 0x4140;
+prmt.b32 b, $IN, 0, 0x4342;
+"""
+_ASM_FIELD = """lop3.b32 t, a, k, m, 0xea;
+sub.f16x2 $LO, t, m;
+lop3.b32 t, b, k, m, 0xea;
+sub.f16x2 $HI, t, m;
+"""
+
+
+def _unpack_asm(bits: int) -> str:
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    s = _ASM_HEAD.replace("MASK", f"0x{mask:04x}{mask:04x}").replace("$IN", f"${2 * per}")
+    for j in range(per):
+        if j:
+            s += f"shr.b32 a, a, {bits};\nshr.b32 b, b, {bits};\n"
+        s += _ASM_FIELD.replace("$LO", f"${2 * j}").replace("$HI", f"${2 * j + 1}")
+    return s + "}"
+
+
+def _field_asm(bits: int, j: int) -> str:
+    mask = (1 << bits) - 1
+    s = _ASM_HEAD.replace("MASK", f"0x{mask:04x}{mask:04x}").replace("$IN", "$2")
+    if j:
+        s += f"shr.b32 a, a, {bits * j};\nshr.b32 b, b, {bits * j};\n"
+    return s + _ASM_FIELD.replace("$LO", "$0").replace("$HI", "$1") + "}"
+
+
+_F2 = [tl.constexpr(_field_asm(2, j)) for j in range(4)]
+_F2_0, _F2_1, _F2_2, _F2_3 = _F2
+_F4_0, _F4_1 = tl.constexpr(_field_asm(4, 0)), tl.constexpr(_field_asm(4, 1))
+_ASM_U2 = tl.constexpr(_unpack_asm(2))
+_ASM_U4 = tl.constexpr(_unpack_asm(4))
+_CONS_U2 = tl.constexpr("=r," * 8 + "r")
+_CONS_U4 = tl.constexpr("=r," * 4 + "r")
+
+
+@triton.jit
+def _dot(a, b):
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _field(x, J: tl.constexpr, BITS: tl.constexpr):
+    return ((x.to(tl.int32) >> (J * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
+
+
+@triton.jit
+def _unpack4(x):
+    """uint8 tensor of 2-bit codes -> the 4 bit fields as fp16 tensors of the same shape."""
+    if _INTERPRET:
+        return _field(x, 0, 2), _field(x, 1, 2), _field(x, 2, 2), _field(x, 3, 2)
+    return tl.inline_asm_elementwise(_ASM_U2, _CONS_U2, [x], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def _unpack2(x):
+    """uint8 tensor of 4-bit codes -> the 2 nibbles as fp16 tensors of the same shape."""
+    if _INTERPRET:
+        return _field(x, 0, 4), _field(x, 1, 4)
+    return tl.inline_asm_elementwise(_ASM_U4, _CONS_U4, [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _unpack_field(x, J: tl.constexpr, BITS: tl.constexpr):
+    """Bit field J of every byte of x as fp16 (one field: its registers live only until its use)."""
+    if _INTERPRET:
+        return _field(x, J, BITS)
+    if BITS == 2:
+        if J == 0:
+            return tl.inline_asm_elementwise(_F2_0, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+        if J == 1:
+            return tl.inline_asm_elementwise(_F2_1, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+        if J == 2:
+            return tl.inline_asm_elementwise(_F2_2, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(_F2_3, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+    if J == 0:
+        return tl.inline_asm_elementwise(_F4_0, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(_F4_1, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+# -- lean tiles -----------------------------------------------------------------------------
+
+@triton.jit
+def _lean_values(vb, tok, vs_ptr, vz_ptr, I: tl.constexpr, c, vpart,
+                 D: tl.constexpr, VPER: tl.constexpr, GV: tl.constexpr):
+    """Value sub-tile I (channels VPER * c + I) of tokens ``tok``, dequantized in fp16 (GV < D path)."""
+    NG: tl.constexpr = D // GV
+    so = tok[:, None] * NG + ((VPER * c + I) // GV)[None, :]
+    return vpart * tl.load(vs_ptr + so) + tl.load(vz_ptr + so)
+
+
+@triton.jit
+def _lean_logits(kbytes, hbytes, J: tl.constexpr, t0, qs, zq, qb, mask_rows, S, R4: tl.constexpr,
+                 KPER: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Base-2 logits [M, R4] of key sub-tile J (tokens t0 + KPER * r + J) of a lean tile."""
+    s = _dot(qs, _unpack_field(kbytes, J, KBITS)) + zq[:, None]
+    if NB > 0:
+        s += _dot(qb, _unpack_field(hbytes, J, KBITS))
+    if HAS_MASK:
+        tok = t0 + KPER * tl.arange(0, R4) + J
+        keep = tl.load(mask_rows[:, None] + (S + tok)[None, :]) != 0
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _lean_pv(p, J: tl.constexpr, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
+             D: tl.constexpr, R4: tl.constexpr, KPER: tl.constexpr, VPER: tl.constexpr, GV: tl.constexpr):
+    """Adds p [M, R4] times the values of sub-tile J (tokens t0 + KPER * r + J) to the accumulators."""
+    tok = t0 + KPER * tl.arange(0, R4) + J
+    c = tl.arange(0, D // VPER)
+    vb = tl.load(vc_ptr + tok[:, None] * (D // VPER) + c[None, :])
+    if VPER == 4:
+        v0, v1, v2, v3 = _unpack4(vb)
+    else:
+        v0, v1 = _unpack2(vb)
+    if GV == D:  # one value group per token: fold its scale into p, its zero into a row sum
+        vsc = tl.load(vs_ptr + tok).to(tl.float32)
+        vz = tl.load(vz_ptr + tok).to(tl.float32)
+        zacc += tl.sum(p * vz[None, :], axis=1)
+        pv = (p * vsc[None, :]).to(tl.float16)
+    else:
+        pv = p.to(tl.float16)
+        v0 = _lean_values(vb, tok, vs_ptr, vz_ptr, 0, c, v0, D, VPER, GV)
+        v1 = _lean_values(vb, tok, vs_ptr, vz_ptr, 1, c, v1, D, VPER, GV)
+        if VPER == 4:
+            v2 = _lean_values(vb, tok, vs_ptr, vz_ptr, 2, c, v2, D, VPER, GV)
+            v3 = _lean_values(vb, tok, vs_ptr, vz_ptr, 3, c, v3, D, VPER, GV)
+    acc0 += _dot(pv, v0)
+    acc1 += _dot(pv, v1)
+    if VPER == 4:
+        acc2 += _dot(pv, v2)
+        acc3 += _dot(pv, v3)
+    return zacc, acc0, acc1, acc2, acc3
+
+
+# -- generic tiles (sinks, key/value boundary zone, tails) ----------------------------------
+
+@triton.jit
+def _gen_key_logits(qf, q_rows, row_ok, t, ok, t0, lo_ptr, ks_ptr, kz_ptr, hi_ptr, idx_ptr,
+                    D: tl.constexpr, G: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr,
+                    NB_PAD: tl.constexpr, HBITS: tl.constexpr, qk_scale):
+    """Base-2 logits of the query rows against quantized key tokens ``t`` (all in the group of t0)."""
+    d = tl.arange(0, D)
+    grp = t0 // G
+    KPER: tl.constexpr = 8 // KBITS
+    scale = tl.load(ks_ptr + grp * D + d).to(tl.float32)
+    zero = tl.load(kz_ptr + grp * D + d).to(tl.float32)
+    byte = tl.load(lo_ptr + (t // KPER)[:, None] * D + d[None, :], mask=ok[:, None], other=0)
+    codes = (byte.to(tl.int32) >> ((t % KPER) * KBITS)[:, None]) & ((1 << KBITS) - 1)
+    s = _dot((qf * scale[None, :]).to(tl.float16), tl.trans(codes.to(tl.float16)))
+    s += tl.sum(qf * zero[None, :], axis=1)[:, None]
+    if NB > 0:
+        kb = tl.arange(0, NB_PAD)
+        kb_ok = kb < NB
+        ch = tl.load(idx_ptr + grp * NB + kb, mask=kb_ok, other=0).to(tl.int32)
+        bscale = tl.load(ks_ptr + grp * D + ch, mask=kb_ok, other=0.0).to(tl.float32) * (1 << KBITS) * qk_scale
+        qb = tl.load(q_rows[:, None] + ch[None, :], mask=row_ok[:, None] & kb_ok[None, :], other=0.0)
+        qb = qb.to(tl.float32) * bscale[None, :]
+        HPER: tl.constexpr = 8 // HBITS
+        hb = tl.load(hi_ptr + (t // HPER)[:, None] * NB + kb[None, :], mask=ok[:, None] & kb_ok[None, :], other=0)
+        hcodes = (hb.to(tl.int32) >> ((t % HPER) * HBITS)[:, None]) & ((1 << HBITS) - 1)
+        s += _dot(qb.to(tl.float16), tl.trans(hcodes.to(tl.float16)))
+    return s
+
+
+@triton.jit
+def _fp_key_logits(q, base, rows, ok, st, D: tl.constexpr, DTYPE: tl.constexpr, qk_scale):
+    d = tl.arange(0, D)
+    k = tl.load(base + rows[:, None] * st + d[None, :], mask=ok[:, None], other=0.0).to(DTYPE)
+    return _dot(q, tl.trans(k)) * qk_scale
+
+
+@triton.jit
+def _gen_values(I: tl.constexpr, AP: tl.constexpr, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows, okf, fst,
+                D: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr):
+    """Values of channels AP * c + I: quantized ones (rows tq where okq) or fp16 ones (fp_rows where okf)."""
+    ch = AP * tl.arange(0, D // AP) + I
+    VPER: tl.constexpr = 8 // VBITS
+    NG: tl.constexpr = D // GV
+    byte = tl.load(vc_ptr + tq[:, None] * (D // VPER) + (ch // VPER)[None, :], mask=okq[:, None], other=0)
+    codes = (byte.to(tl.int32) >> ((ch % VPER) * VBITS)[None, :]) & ((1 << VBITS) - 1)
+    so = tq[:, None] * NG + (ch // GV)[None, :]
+    sc = tl.load(vs_ptr + so, mask=okq[:, None], other=0.0).to(tl.float32)
+    z = tl.load(vz_ptr + so, mask=okq[:, None], other=0.0).to(tl.float32)
+    vf = tl.load(fp_ptr + fp_rows[:, None] * fst + ch[None, :], mask=okf[:, None], other=0.0).to(tl.float32)
+    return tl.where(okq[:, None], codes.to(tl.float32) * sc + z, vf).to(tl.float16)
+
+
+@triton.jit
+def _gen_step(s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, tq, okq, vc_ptr, vs_ptr, vz_ptr,
+              fp_ptr, fp_rows, okf, fst, AP: tl.constexpr, D: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr):
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    zacc = zacc * alpha
+    p16 = p.to(tl.float16)
+    acc0 = acc0 * alpha[:, None] + _dot(p16, _gen_values(0, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows,
+                                                         okf, fst, D, VBITS, GV))
+    if AP >= 2:
+        acc1 = acc1 * alpha[:, None] + _dot(p16, _gen_values(1, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
+                                                             fp_rows, okf, fst, D, VBITS, GV))
+    if AP >= 4:
+        acc2 = acc2 * alpha[:, None] + _dot(p16, _gen_values(2, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
+                                                             fp_rows, okf, fst, D, VBITS, GV))
+        acc3 = acc3 * alpha[:, None] + _dot(p16, _gen_values(3, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
+                                                             fp_rows, okf, fst, D, VBITS, GV))
+    return m_new, l_i, zacc, acc0, acc1, acc2, acc3
+
+
+_INT_ARGS = [
+    "sq_b", "sq_h", "sq_t",
+    "skb", "skh", "skt", "svb", "svh", "svt", "ktb", "kth", "ktt", "vtb", "vth", "vtt",
+    "lo_b", "lo_h", "ks_b", "ks_h", "hi_b", "hi_h", "ix_b", "ix_h", "vc_b", "vc_h", "vs_b", "vs_h",
+    "sm_b", "sm_q", "S", "Tk", "Tv", "Rk", "n_lean", "n_split", "TPS",
+]
+
+
+@triton.jit(do_not_specialize=_INT_ARGS)
+def _decode_kernel(
+    q_ptr, sq_b, sq_h, sq_t,
+    sk_ptr, sv_ptr, kt_ptr, vt_ptr,
+    skb, skh, skt, svb, svh, svt, ktb, kth, ktt, vtb, vth, vtt,
+    lo_ptr, ks_ptr, kz_ptr, hi_ptr, idx_ptr, vc_ptr, vs_ptr, vz_ptr,
+    lo_b, lo_h, ks_b, ks_h, hi_b, hi_h, ix_b, ix_h, vc_b, vc_h, vs_b, vs_h,
+    mask_ptr, sm_b, sm_q,
+    pm_ptr, pl_ptr, pacc_ptr,
+    S, Tk, Tv, Rk, n_lean, n_split, TPS, qk_scale,
+    HKV: tl.constexpr, N_REP: tl.constexpr, QLEN: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+    BN: tl.constexpr, BNG: tl.constexpr, G: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr,
+    NB_PAD: tl.constexpr, HBITS: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr, AP: tl.constexpr,
+    LEAN: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)  # batch offsets of a long context overflow int32
+    h = pid_bh % HKV
+    n_parts = tl.num_programs(0)
+    L = S + Tk + Rk
+    NR: tl.constexpr = N_REP * QLEN
+
+    rows = tl.arange(0, M_PAD)  # row = r * QLEN + i: query head h * N_REP + r, query token i
+    row_ok = rows < NR
+    qi = rows % QLEN
+    d = tl.arange(0, D)
+    q_rows = q_ptr + b * sq_b + (h * N_REP + rows // QLEN) * sq_h + qi * sq_t
+    q = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    qf = q.to(tl.float32) * qk_scale
+    q = q.to(DTYPE)
+
+    # Every packed field is contiguous within a (batch, head) and its rows are whole bytes of D channels.
+    lo_ptr += tl.multiple_of(b * lo_b + h * lo_h, D)
+    ks_ptr += tl.multiple_of(b * ks_b + h * ks_h, D)
+    kz_ptr += tl.multiple_of(b * ks_b + h * ks_h, D)
+    hi_ptr += b * hi_b + h * hi_h
+    idx_ptr += b * ix_b + h * ix_h
+    vc_ptr += tl.multiple_of(b * vc_b + h * vc_h, D * VBITS // 8)
+    vs_ptr += b * vs_b + h * vs_h
+    vz_ptr += b * vs_b + h * vs_h
+    sk_ptr += b * skb + h * skh
+    sv_ptr += b * svb + h * svh
+    kt_ptr += b * ktb + h * kth
+    vt_ptr += b * vtb + h * vth
+    mask_rows = mask_ptr + b * sm_b + qi * sm_q
+
+    m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((M_PAD,), tl.float32)
+    zacc = tl.zeros((M_PAD,), tl.float32)
+    acc0 = tl.zeros((M_PAD, D // AP), tl.float32)
+    acc1 = tl.zeros((M_PAD, D // AP), tl.float32)
+    acc2 = tl.zeros((M_PAD, D // AP), tl.float32)
+    acc3 = tl.zeros((M_PAD, D // AP), tl.float32)
+
+    # Programs 0 .. n_split-1 stream lean tiles [pid_s * TPS, ...); program n_split does the rest.
+    v0 = pid_s * TPS
+    v1 = tl.minimum(v0 + TPS, n_lean)
+    if LEAN:
+        KPER: tl.constexpr = 8 // KBITS
+        VPER: tl.constexpr = 8 // VBITS
+        R4: tl.constexpr = BN // KPER
+        r = tl.arange(0, R4)
+        kb = tl.arange(0, NB_PAD)
+        kb_ok = kb < NB
+        for j in range(v0, v1):
+            t0 = j * BN
+            grp = t0 // G
+            kscale = tl.load(ks_ptr + grp * D + d).to(tl.float32)
+            kzero = tl.load(kz_ptr + grp * D + d).to(tl.float32)
+            qs = (qf * kscale[None, :]).to(tl.float16)
+            zq = tl.sum(qf * kzero[None, :], axis=1)
+            kbytes = tl.trans(tl.load(lo_ptr + (t0 // KPER + r)[:, None] * D + d[None, :]))  # [D, R4]
+            qb = qs  # placeholders when there is no boost
+            hbytes = kbytes
+            if NB > 0:
+                ch = tl.load(idx_ptr + grp * NB + kb, mask=kb_ok, other=0).to(tl.int32)
+                bscale = tl.load(ks_ptr + grp * D + ch, mask=kb_ok, other=0.0).to(tl.float32) * ((1 << KBITS) * qk_scale)
+                qbf = tl.load(q_rows[:, None] + ch[None, :], mask=row_ok[:, None] & kb_ok[None, :], other=0.0)
+                qb = (qbf.to(tl.float32) * bscale[None, :]).to(tl.float16)
+                hbytes = tl.trans(tl.load(hi_ptr + (t0 // KPER + r)[:, None] * NB + kb[None, :],
+                                          mask=kb_ok[None, :], other=0))  # [NB_PAD, R4]
+            # One softmax update per tile: the KPER logit sub-tiles are independent products.
+            s0 = _lean_logits(kbytes, hbytes, 0, t0, qs, zq, qb, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+            s1 = _lean_logits(kbytes, hbytes, 1, t0, qs, zq, qb, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+            mx = tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1))
+            if KPER == 4:
+                s2 = _lean_logits(kbytes, hbytes, 2, t0, qs, zq, qb, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+                s3 = _lean_logits(kbytes, hbytes, 3, t0, qs, zq, qb, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+                mx = tl.maximum(mx, tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
+            m_new = tl.maximum(m_i, mx)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            alpha = tl.exp2(m_i - m_safe)
+            m_i = m_new
+            p0 = tl.exp2(s0 - m_safe[:, None])
+            p1 = tl.exp2(s1 - m_safe[:, None])
+            ls = tl.sum(p0, axis=1) + tl.sum(p1, axis=1)
+            zacc = zacc * alpha
+            acc0 = acc0 * alpha[:, None]
+            acc1 = acc1 * alpha[:, None]
+            acc2 = acc2 * alpha[:, None]
+            acc3 = acc3 * alpha[:, None]
+            zacc, acc0, acc1, acc2, acc3 = _lean_pv(p0, 0, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
+                                                    D, R4, KPER, VPER, GV)
+            zacc, acc0, acc1, acc2, acc3 = _lean_pv(p1, 1, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
+                                                    D, R4, KPER, VPER, GV)
+            if KPER == 4:
+                p2 = tl.exp2(s2 - m_safe[:, None])
+                p3 = tl.exp2(s3 - m_safe[:, None])
+                ls += tl.sum(p2, axis=1) + tl.sum(p3, axis=1)
+                zacc, acc0, acc1, acc2, acc3 = _lean_pv(p2, 2, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr,
+                                                        vz_ptr, D, R4, KPER, VPER, GV)
+                zacc, acc0, acc1, acc2, acc3 = _lean_pv(p3, 3, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr,
+                                                        vz_ptr, D, R4, KPER, VPER, GV)
+            l_i = l_i * alpha + ls
+
+    # Generic program: straight loops over sink tiles, boundary tiles (quantized keys, values
+    # quantized or not) and tail tiles; the other programs run them zero times.
+    is_gen = (pid_s == n_split).to(tl.int32)
+    offs = tl.arange(0, BNG)
+    causal_end = (L - QLEN + qi)[:, None]
+    for g in range(0, tl.cdiv(S, BNG) * is_gen):
+        pos = g * BNG + offs
+        ok = pos < S
+        s = _fp_key_logits(q, sk_ptr, pos, ok, skt, D, DTYPE, qk_scale)
+        keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
+        if HAS_MASK:
+            keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+        m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
+            s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, pos, pos < 0, vc_ptr, vs_ptr, vz_ptr,
+            sv_ptr, pos, ok, svt, AP, D, VBITS, GV)
+    t_start = n_lean * BN
+    for g in range(0, ((Tk - t_start) // BNG) * is_gen):
+        t = t_start + g * BNG + offs
+        pos = S + t
+        s = _gen_key_logits(qf, q_rows, row_ok, t, t < Tk, t_start + g * BNG, lo_ptr, ks_ptr, kz_ptr, hi_ptr,
+                            idx_ptr, D, G, KBITS, NB, NB_PAD, HBITS, qk_scale)
+        keep = row_ok[:, None] & (pos[None, :] <= causal_end)
+        if HAS_MASK:
+            keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+        m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
+            s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < Tv, vc_ptr, vs_ptr, vz_ptr,
+            vt_ptr, t - Tv, t >= Tv, vtt, AP, D, VBITS, GV)
+    for g in range(0, tl.cdiv(Rk, BNG) * is_gen):
+        t = Tk + g * BNG + offs  # keys and values both from the tails here (Tk >= Tv)
+        pos = S + t
+        ok = pos < L
+        s = _fp_key_logits(q, kt_ptr, t - Tk, ok, ktt, D, DTYPE, qk_scale)
+        keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
+        if HAS_MASK:
+            keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+        m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
+            s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < 0, vc_ptr, vs_ptr, vz_ptr,
+            vt_ptr, t - Tv, ok, vtt, AP, D, VBITS, GV)
+
+    # Partials of the real rows only: [B * HKV, n_parts, NR] m, l and [.., NR, D] acc.
+    part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
+    tl.store(pm_ptr + part + rows, m_i, mask=row_ok)
+    tl.store(pl_ptr + part + rows, l_i, mask=row_ok)
+    c = tl.arange(0, D // AP)
+    dst = pacc_ptr + (part + rows)[:, None] * D + AP * c[None, :]
+    zt = zacc[:, None]
+    tl.store(dst, acc0 + zt, mask=row_ok[:, None])
+    if AP >= 2:
+        tl.store(dst + 1, acc1 + zt, mask=row_ok[:, None])
+    if AP >= 4:
+        tl.store(dst + 2, acc2 + zt, mask=row_ok[:, None])
+        tl.store(dst + 3, acc3 + zt, mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["n_parts", "so_b", "so_t", "so_h"])
+def _combine_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, n_parts, so_b, so_t, so_h,
+                    HKV: tl.constexpr, N_REP: tl.constexpr, QLEN: tl.constexpr, D: tl.constexpr,
+                    PART_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    NR: tl.constexpr = N_REP * QLEN
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    base = pid_bh.to(tl.int64) * n_parts * NR + row
+    sp = tl.arange(0, PART_PAD)
+    m = tl.load(pm_ptr + base + sp * NR, mask=sp < n_parts, other=float("-inf"))
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    d = tl.arange(0, D)
+    acc = tl.zeros((CHUNK, D), tl.float32)
+    den = tl.zeros((CHUNK,), tl.float32)
+    for c0 in range(0, n_parts, CHUNK):
+        spc = c0 + tl.arange(0, CHUNK)
+        ok = spc < n_parts
+        w = tl.exp2(tl.load(pm_ptr + base + spc * NR, mask=ok, other=float("-inf")) - m_max)
+        den += w * tl.load(pl_ptr + base + spc * NR, mask=ok, other=0.0)
+        acc += w[:, None] * tl.load(pacc_ptr + (base + spc * NR)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    denom = tl.sum(den, axis=0)
+    acc = tl.sum(acc, axis=0)
+    out = acc / tl.where(denom == 0.0, 1.0, denom)
+    b = (pid_bh // HKV).to(tl.int64)
+    h = pid_bh % HKV
+    dst = out_ptr + b * so_b + (row % QLEN) * so_t + (h * N_REP + row // QLEN) * so_h + d
+    tl.store(dst, out.to(out_ptr.dtype.element_ty))
+
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_SM_COUNT: dict[int, int] = {}
+_DUMMIES: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _dummy(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (dtype, device)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(16, dtype=dtype, device=device)
+    return _DUMMIES[key]
+
+
+def _tile_tokens(group_size: int, limit: int = 64) -> int:
+    """Largest power of two <= limit dividing the key group (a key tile must lie in one group)."""
+    bn = limit
+    while bn > 16 and group_size % bn:
+        bn //= 2
+    return bn if group_size % bn == 0 else 0
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _fp_view(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """An fp16 part of the layer (or an empty stand-in), with its length and strides."""
+    if t is None or t.shape[2] == 0:
+        return like, 0, 0, 0, 0
+    if t.stride(3) != 1:
+        t = t.contiguous()
+    return t, t.shape[2], t.stride(0), t.stride(1), t.stride(2)
+
+
+def lean_config(kc, vc, D: int) -> tuple[bool, int]:
+    """Whether quantized tiles take the lean path, and its tile size BN."""
+    bn = _tile_tokens(kc.group_size, 128)
+    ok = (kc.bits in (2, 4) and vc.bits == kc.bits and bn and bn // (8 // kc.bits) >= 16
+          and D // (8 // vc.bits) >= 16 and (not kc.boost_channels or kc.boost_bits - kc.bits == kc.bits))
+    return bool(ok), bn
+
+
+def unsupported_reason(layer, query: torch.Tensor, attention_mask: torch.Tensor | None) -> str | None:
+    """Why ``fused_attend`` would fall back to the reference for this call, or None."""
+    kc, vc = layer.key_codec, layer.value_codec
+    D = query.shape[-1]
+    if query.device.type != "cuda" and not triton_interpreting():
+        return "not on a CUDA device"
+    if query.dtype not in _TL_DTYPE:
+        return f"query dtype {query.dtype}"
+    if D < 16 or D & (D - 1):
+        return f"head_dim {D} is not a power of two >= 16"
+    if not _tile_tokens(kc.group_size):
+        return f"key group {kc.group_size} is not a multiple of 16"
+    if vc.group_size & (vc.group_size - 1) or D % vc.group_size:
+        return f"value group {vc.group_size} is not a power of two dividing head_dim"
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return "non-boolean attention mask"
+    return None
+
+
+# Registers per thread: uncapped, ptxas takes ~250 and only 2 programs fit on an SM; 168 fits 3
+# without spills in the lean loop (checked with ptxas -v on sm_90a). KVLAB_MAXNREG overrides (0: no cap).
+MAXNREG = int(os.environ.get("KVLAB_MAXNREG", "168"))
+
+
+def _reg_cap(nb: int) -> dict:
+    return {} if triton_interpreting() or not MAXNREG else {"maxnreg": MAXNREG}
+
+
+def plan_splits(n_lean: int, bh: int, sms: int) -> tuple[int, int]:
+    """(lean tiles per program, lean programs per (batch, KV head)): ~16 programs per SM, >= 4 tiles each."""
+    if n_lean == 0:
+        return 1, 0
+    want = max(1, -(-16 * sms // bh))
+    tps = max(min(4, n_lean), -(-n_lean // want))
+    return tps, -(-n_lean // tps)
+
+
+def fused_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
+                 scaling: float | None = None) -> torch.Tensor:
+    """Decode attention of ``query [B, Hq, q_len, D]`` over a QuantizedLayer -> ``[B, q_len, Hq, D]``.
+
+    Reads the layer's packed fields directly; falls back to :func:`reference_attend` (dequantize +
+    SDPA) where the kernel does not apply (CPU, many query rows as in prefill, odd group sizes,
+    non-boolean masks).
+    """
+    B, HQ, QLEN, D = query.shape
+    fields_k, fields_v = layer.key_store.fields, layer.value_store.fields
+    some = next(t for t in (layer.sink_keys, layer.key_tail, fields_k.get("scale"), fields_v.get("scale"))
+                if t is not None)
+    HKV = some.shape[1]
+    n_rep = HQ // HKV
+    reason = unsupported_reason(layer, query, attention_mask)
+    if reason is None and n_rep * QLEN > 64:
+        reason = "too many query rows"
+    if reason is not None:
+        return reference_attend(layer, query, attention_mask, scaling)
+
+    kc, vc = layer.key_codec, layer.value_codec
+    dtype, dev = query.dtype, query.device
+    sk, S, skb, skh, skt = _fp_view(layer.sink_keys, query)
+    sv, _, svb, svh, svt = _fp_view(layer.sink_values, query)
+    kt, Rk, ktb, kth, ktt = _fp_view(layer.key_tail, query)
+    vt, _, vtb, vth, vtt = _fp_view(layer.value_tail, query)
+    Tk, Tv = layer.key_store.tokens, layer.value_store.tokens
+    d8, d16 = _dummy(torch.uint8, dev), _dummy(torch.float16, dev)
+    lo = _contig(fields_k["lo"]) if Tk else d8
+    ks = _contig(fields_k["scale"]) if Tk else d16
+    kz = _contig(fields_k["zero"]) if Tk else d16
+    NB = kc.boost_channels if Tk else 0
+    hi = _contig(fields_k["hi"]) if NB else d8
+    idx = _contig(fields_k["idx"]) if NB else _dummy(torch.int16, dev)
+    vcodes = _contig(fields_v["codes"]) if Tv else d8
+    vs = _contig(fields_v["scale"]) if Tv else d16
+    vz = _contig(fields_v["zero"]) if Tv else d16
+
+    def bh(t: torch.Tensor) -> tuple[int, int]:
+        return (t.stride(0), t.stride(1)) if t.dim() == 4 else (0, 0)
+
+    L = S + Tk + Rk
+    if attention_mask is not None:
+        mask = attention_mask[..., -QLEN:, :L]
+        if mask.shape[-1] < L:
+            return reference_attend(layer, query, attention_mask, scaling)
+        mask = mask.expand(B, 1, QLEN, L)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask_u8, sm_b, sm_q = mask.view(torch.uint8), mask.stride(0), mask.stride(2)
+    else:
+        mask_u8, sm_b, sm_q = d8, 0, 0
+
+    lean, BN = lean_config(kc, vc, D)
+    BNG = _tile_tokens(kc.group_size)
+    n_lean = min(Tk, Tv) // BN if lean else 0
+    tps, n_split = plan_splits(n_lean, B * HKV, _num_sms(dev))
+    n_parts = n_split + 1  # + the generic program (sinks, boundary zone, tails)
+    NR = n_rep * QLEN
+    M_PAD = max(16, _pow2(NR))
+    AP = 8 // vc.bits if lean else 1
+    pm = torch.empty(B * HKV * n_parts * NR, dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(B * HKV * n_parts * NR, D, dtype=torch.float32, device=dev)
+    scale = (scaling if scaling is not None else 1.0 / math.sqrt(D)) * LOG2E
+    q = query if query.stride(3) == 1 else query.contiguous()
+
+    _decode_kernel[(n_parts, B * HKV)](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        sk, sv, kt, vt, skb, skh, skt, svb, svh, svt, ktb, kth, ktt, vtb, vth, vtt,
+        lo, ks, kz, hi, idx, vcodes, vs, vz,
+        *bh(lo), *bh(ks), *bh(hi), *bh(idx), *bh(vcodes), *bh(vs),
+        mask_u8, sm_b, sm_q,
+        pm, pl, pacc,
+        S, Tk, Tv, Rk, n_lean, n_split, tps, scale,
+        HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=M_PAD, D=D, BN=BN, BNG=BNG, G=kc.group_size, KBITS=kc.bits,
+        NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits), VBITS=vc.bits,
+        GV=vc.group_size, AP=AP, LEAN=lean, HAS_MASK=attention_mask is not None, DTYPE=_TL_DTYPE[dtype],
+        num_warps=4, num_stages=3, **_reg_cap(NB),
+    )
+    out = torch.empty(B, QLEN, HQ, D, dtype=dtype, device=dev)
+    _combine_kernel[(B * HKV, NR)](
+        pm, pl, pacc, out, n_parts, out.stride(0), out.stride(1), out.stride(2),
+        HKV=HKV, N_REP=n_rep, QLEN=QLEN, D=D, PART_PAD=_pow2(n_parts), CHUNK=min(32, _pow2(n_parts)),
+        num_warps=4,
+    )
+    return out

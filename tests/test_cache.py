@@ -1,0 +1,244 @@
+"""The quantized cache against a straightforward reference, and its transformers integration."""
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvlab
+from kvlab.cache import QuantizedLayer
+from kvlab.methods import build_method, parse_method
+from kvlab.quant.codecs import KeyChannelCodec, ValueTokenCodec
+
+
+def expected_view(k, v, length, before, S, R, G, kcodec, vcodec):
+    """Reference: the dense sequence with fake quantization at the cache's token boundaries.
+
+    Quantization is deferred to the start of an update, so what is quantized depends on the
+    length ``before`` the last update: keys in whole G-blocks until the tail is <= R, values
+    token by token until the tail is R.
+    """
+    qk = max(0, math.ceil((before - S - R) / G)) * G
+    qv = max(0, before - S - R)
+    fq_k = [kcodec.decode(kcodec.encode(k[:, :, s : s + G]), k.dtype) for s in range(S, S + qk, G)]
+    fq_v = [vcodec.decode(vcodec.encode(v[:, :, S : S + qv]), v.dtype)] if qv else []
+    s = min(S, length)
+    keys = torch.cat([k[:, :, :s], *fq_k, k[:, :, S + qk : length]], 2)
+    values = torch.cat([v[:, :, :s], *fq_v, v[:, :, S + qv : length]], 2)
+    return keys, values, qk, qv
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    sinks=st.sampled_from([0, 3, 32]),
+    extra_residual=st.sampled_from([0, 5, 16]),
+    group=st.sampled_from([8, 16]),
+    bits=st.sampled_from([2, 4]),
+    boost=st.sampled_from([0, 4]),
+    calls=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+)
+def test_layer_matches_fake_quant_reference(batch, sinks, extra_residual, group, bits, boost, calls):
+    H, D = 2, 16
+    residual = group + extra_residual
+    total = sum(calls)
+    k = torch.randn(batch, H, total, D)
+    v = torch.randn(batch, H, total, D)
+    kcodec = KeyChannelCodec(bits, group, boost, bits + 2) if boost else KeyChannelCodec(bits, group)
+    vcodec = ValueTokenCodec(bits, 16)
+    layer = QuantizedLayer(kcodec, vcodec, residual, sinks)
+    ref_kcodec, ref_vcodec = dataclasses.replace(kcodec), dataclasses.replace(vcodec)  # unpatched copies
+    encoded = {"k": [], "v": []}
+    for name, codec in (("k", kcodec), ("v", vcodec)):
+        orig = codec.encode
+        object.__setattr__(codec, "encode", lambda x, orig=orig, name=name: encoded[name].append(x.clone()) or orig(x))
+    pos = 0
+    for n in calls:
+        keys, values = layer.update(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+        ref_k, ref_v, qk, qv = expected_view(k, v, pos + n, pos, sinks, residual, group, ref_kcodec, ref_vcodec)
+        torch.testing.assert_close(keys, ref_k, rtol=0, atol=0)
+        torch.testing.assert_close(values, ref_v, rtol=0, atol=0)
+        assert layer.quantized_tokens() == (qk, qv)
+        assert layer.get_seq_length() == pos + n
+        pos += n
+    # each token encoded exactly once, from the original (never re-quantized) data, in order
+    seen_k = torch.cat(encoded["k"], 2) if encoded["k"] else k[:, :, :0]
+    seen_v = torch.cat(encoded["v"], 2) if encoded["v"] else v[:, :, :0]
+    assert torch.equal(seen_k, k[:, :, sinks : sinks + layer.quantized_tokens()[0]])
+    assert torch.equal(seen_v, v[:, :, sinks : sinks + layer.quantized_tokens()[1]])
+
+
+def _held_tensors(layer):
+    ts = [layer.sink_keys, layer.sink_values, layer.key_tail, layer.value_tail]
+    ts += list(layer.key_store.fields.values()) + list(layer.value_store.fields.values())
+    return [t for t in ts if t is not None]
+
+
+def test_memory_bytes_matches_tensors_held(tiny_model):
+    cache = kvlab.make_cache("kitty-pro:group_size=32,residual=32,sinks=4", tiny_model)
+    tiny_model(torch.randint(3, 128, (2, 150)), past_key_values=cache)
+    for _ in range(40):
+        tiny_model(torch.randint(3, 128, (2, 1)), past_key_values=cache)
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in _held_tensors(layer))
+    assert cache.memory_bytes() == held
+    dense = 2 * 2 * 2 * 190 * 32 * 4 * 2  # layers x K/V x batch x tokens x head_dim x fp32 bytes x kv heads
+    assert held < dense / 2
+    stats = cache.stats()
+    method = cache.method
+    assert stats["bits_per_value_quantized"] == pytest.approx(method.bits_per_value(32), rel=0.02)
+
+
+def test_fp16_matches_cacheless_forward(tiny_model):
+    ids = torch.randint(3, 128, (2, 96))
+    ref = tiny_model(ids, use_cache=False).logits
+    cache = kvlab.make_cache("fp16", tiny_model)
+    logits = [tiny_model(ids[:, :40], past_key_values=cache).logits]
+    for t in range(40, 96):
+        logits.append(tiny_model(ids[:, t : t + 1], past_key_values=cache).logits)
+    torch.testing.assert_close(torch.cat(logits, 1), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["kitty-pro:group_size=16,residual=16,sinks=4", "kivi-2:group_size=16,residual=16"])
+def test_generate_batch3_left_padding_greedy_and_sampling(tiny_model, spec):
+    ids = torch.randint(3, 128, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :10] = 0
+    mask[1, :3] = 0
+    ids[mask == 0] = 0
+    out = tiny_model.generate(ids, attention_mask=mask, past_key_values=kvlab.make_cache(spec, tiny_model),
+                              max_new_tokens=50, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, 90)
+    # the first new token depends only on the prompt, which attention sees in full precision
+    ref = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[:, 40], ref[:, 40])
+    torch.manual_seed(0)
+    out = tiny_model.generate(ids, attention_mask=mask, past_key_values=kvlab.make_cache(spec, tiny_model),
+                              max_new_tokens=20, do_sample=True, top_p=0.9, pad_token_id=0)
+    assert out.shape == (3, 60)
+
+
+def test_fp16_generate_identical_to_plain_generate(tiny_model):
+    ids = torch.randint(3, 128, (2, 30))
+    ref = tiny_model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    out = tiny_model.generate(ids, past_key_values=kvlab.make_cache("fp16", tiny_model), max_new_tokens=30,
+                              do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_beam_search_reorders_packed_cache(tiny_model):
+    ids = torch.randint(3, 128, (2, 40))
+    cache = kvlab.make_cache("kitty-pro:group_size=8,residual=8,sinks=2", tiny_model)
+    out = tiny_model.generate(ids, past_key_values=cache, max_new_tokens=30, num_beams=3, do_sample=False,
+                              pad_token_id=0)
+    assert out.shape == (2, 70)
+    assert cache.layers[0].key_store.fields["lo"].shape[0] == 6  # batch x beams
+
+
+def test_reorder_cache_selects_rows_exactly():
+    layer = build_method("kivi-2", group_size=8, residual=8).make_layer(0, 16)
+    k, v = torch.randn(3, 2, 50, 16), torch.randn(3, 2, 50, 16)
+    layer.update(k[:, :, :40], v[:, :, :40])
+    layer.update(k[:, :, 40:], v[:, :, 40:])
+    before = layer.dequantized()
+    beam = torch.tensor([2, 0, 0])
+    layer.reorder_cache(beam)
+    after = layer.dequantized()
+    assert torch.equal(after[0], before[0][beam]) and torch.equal(after[1], before[1][beam])
+
+
+def test_crop_and_reset():
+    layer = build_method("kivi-2", group_size=8, residual=8).make_layer(0, 16)
+    k = torch.randn(1, 2, 30, 16)
+    layer.update(k, k)
+    layer.update(k[:, :, :3], k[:, :, :3])
+    keys_before, _ = layer.dequantized()
+    layer.crop(-2)
+    assert layer.get_seq_length() == 31
+    assert torch.equal(layer.dequantized()[0], keys_before[:, :, :31])
+    with pytest.raises(ValueError, match="quantized tokens cannot be un-quantized"):
+        layer.crop(-25)
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.memory_bytes() == 0
+
+
+def test_mixed_sliding_window_model_warns_once_and_generates():
+    from transformers import MinistralConfig, MinistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MinistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=64, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"] * 2)
+    model = MinistralForCausalLM(cfg).eval()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        cache = kvlab.make_cache("kivi-2:group_size=8,residual=8", model)
+    msgs = [str(x.message) for x in w if "kvlab" in str(x.message)]
+    assert len(msgs) == 1 and "2 of 4 layers" in msgs[0]
+    out = model.generate(torch.randint(0, 64, (1, 30)), past_key_values=cache, max_new_tokens=20, do_sample=False)
+    assert out.shape == (1, 50)
+    assert type(cache.layers[1]).__name__ == "QuantizedLayer" and cache.layers[1].quantized_tokens()[0] > 0
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("kivi-3", "unknown method 'kivi-3'; valid methods: "),
+        ("kivi-2:bits=3", "bits=3 is not supported; choose one of (1, 2, 4, 8)"),
+        ("kivi-2:group_size=12", "group_size=12 must be a positive multiple of 8"),
+        ("kivi-2:groupsize=32", "unknown parameter(s) ['groupsize']; valid parameters: "),
+        ("kivi-2:group_size=abc", "group_size='abc' is not a valid int"),
+        ("kivi-2:group_size", "bad parameter 'group_size'"),
+        ("kitty-pro:boost_bits=5", "valid differences are (1, 2, 4, 8)"),
+        ("kitty-pro:boost_ratio=1.5", "boost_ratio=1.5 must be in [0, 1]"),
+        ("kivi-2:residual=64", "residual=64 must be >= group_size=128"),
+    ],
+)
+def test_bad_method_specs_raise_clear_errors(spec, message):
+    with pytest.raises(ValueError) as e:
+        parse_method(spec)
+    assert message in str(e.value)
+
+
+def test_group_size_that_does_not_tile_head_dim(tiny_model):
+    with pytest.raises(ValueError, match="do not tile head_dim=32"):
+        kvlab.make_cache("kivi-2:group_size=24", tiny_model)
+
+
+def test_spec_parameters_and_labels():
+    m = parse_method("kivi-2:group_size=32, sinks=4")
+    assert (m.bits, m.group_size, m.sinks, m.residual) == (2, 32, 4, 128)
+    assert m.label == "kivi-2:group_size=32,sinks=4"
+    assert parse_method("kitty-pro").boost_channels(64) == 12  # floor(0.2 * 64), as the artifact
+    assert kvlab.make_cache(build_method("kivi", bits=4, group_size=64), _cfg()).method.bits == 4
+    m = kvlab.make_cache("kivi", _cfg(), bits=2, group_size=64).method
+    assert (m.bits, m.group_size) == (2, 64)
+    assert kvlab.make_cache("kitty-pro:sinks=4", _cfg(), group_size=32).method.label == "kitty-pro:group_size=32,sinks=4"
+
+
+def _cfg():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+
+
+def test_preallocated_storage_gives_identical_results(tiny_model):
+    ids = torch.randint(3, 128, (2, 120))
+    outs = []
+    for max_length in (None, 200):
+        cache = kvlab.make_cache("kitty-pro:group_size=16,residual=16,sinks=4", tiny_model, max_length=max_length)
+        logits = [tiny_model(ids[:, :60], past_key_values=cache).logits]
+        for t in range(60, 120):
+            logits.append(tiny_model(ids[:, t : t + 1], past_key_values=cache).logits)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        outs.append((torch.cat(logits, 1), cache.layers[0].dequantized(), cache))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+    dense, static = outs[0][2], outs[1][2]
+    assert static.memory_bytes() > dense.memory_bytes()  # capacity for 200 tokens is allocated up front
+    layer = static.layers[0]
+    with pytest.raises(ValueError, match="preallocated for 200 tokens"):
+        layer.key_store.append(layer.key_codec.encode(torch.randn(1, 2, 208, 32)), 208)

@@ -1,0 +1,165 @@
+"""Triton kernels of kvlab.kernels against their PyTorch references, on fresh random inputs.
+
+With a GPU the kernels run compiled (benchmarks/gpu_check.sh). Without one they run in Triton's
+interpreter on small shapes; TRITON_INTERPRET must be set before triton is first imported, and
+conftest imports transformers (which imports triton), so on CPU this module re-runs itself in a
+subprocess with the flag set.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+RUN_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+here = pytest.mark.skipif(not RUN_HERE, reason="runs in the interpreter subprocess (test_kernels_interpreted)")
+
+if HAS_TRITON:
+    from kvlab.cache import QuantizedLayer
+    from kvlab.kernels import fused_attend, quantize_pack_keys, quantize_pack_values
+    from kvlab.kernels.reference import reference_attend
+    from kvlab.quant.codecs import KeyChannelCodec, ValueTokenCodec
+
+
+@pytest.mark.skipif(RUN_HERE, reason="the kernels run in this process")
+def test_kernels_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-4000:]
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def keys_like_a_model(B, H, T, D, dtype):
+    """Random keys with per-channel offsets and scales (outlier channels, as real keys have)."""
+    chan = torch.randn(1, H, 1, D, device=DEVICE) * 2
+    spread = torch.rand(1, H, 1, D, device=DEVICE) * 3 + 0.2
+    return (torch.randn(B, H, T, D, device=DEVICE) * spread + chan).to(dtype)
+
+
+# -- quantize + pack ----------------------------------------------------------------------
+
+KEY_CASES = [  # bits, group, boosted channels, boost bits, (B, H, T, D)
+    (2, 32, 0, 4, (2, 3, 64, 64)),
+    (4, 16, 0, 4, (1, 2, 48, 128)),
+    (2, 32, 12, 4, (2, 2, 64, 64)),
+    (2, 64, 25, 4, (1, 2, 128, 128)),
+    (1, 32, 8, 2, (1, 1, 32, 64)),
+]
+
+
+@here
+@pytest.mark.parametrize("bits,group,nb,boost_bits,shape", KEY_CASES)
+def test_quantize_pack_keys(bits, group, nb, boost_bits, shape):
+    codec = KeyChannelCodec(bits, group, nb, boost_bits)
+    x = keys_like_a_model(*shape, torch.bfloat16)
+    got, ref = quantize_pack_keys(codec, x), codec.encode(x)
+    assert got.keys() == ref.keys()
+    if nb:
+        # The boost ranking may differ only at fp32 near-ties of the mean |k| (see quant_pack.py).
+        same = (got["idx"] == ref["idx"]).all(-1)  # [B, H, blocks]
+        if not same.all():
+            B, H, T, D = x.shape
+            means = x.float().abs().reshape(B, H, T // group, group, D).mean(3).sort(-1, descending=True).values
+            gap = (means[..., nb - 1] - means[..., nb]) / means[..., nb - 1]
+            assert (gap[~same] < 1e-5).all(), "boost selection differs away from a tie"
+        rows = same[:, :, :, None].repeat_interleave(group, 2)
+        for name, per in (("lo", 8 // bits), ("hi", 8 // (boost_bits - bits))):
+            r = rows[:, :, ::per]
+            assert torch.equal(got[name][r.expand_as(got[name])], ref[name][r.expand_as(ref[name])]), name
+        for name in ("scale", "zero"):
+            assert torch.equal(got[name][same], ref[name][same]), name
+    else:
+        for name in ref:
+            assert torch.equal(got[name], ref[name]), name
+
+
+@here
+@pytest.mark.parametrize("bits,group,shape", [(2, 64, (2, 3, 37, 64)), (4, 32, (2, 2, 5, 128)),
+                                              (2, 128, (1, 2, 1, 128)), (8, 32, (1, 1, 3, 64))])
+def test_quantize_pack_values(bits, group, shape):
+    codec = ValueTokenCodec(bits, group)
+    x = (torch.randn(*shape, device=DEVICE) * 3).to(torch.bfloat16)
+    got, ref = quantize_pack_values(codec, x), codec.encode(x)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name
+
+
+@here
+def test_quantize_pack_takes_views():
+    """The cache quantizes slices of its tail: non-contiguous views along the token axis."""
+    tail = torch.randn(2, 2, 80, 64, device=DEVICE, dtype=torch.float16)
+    view = tail[:, :, 3:67]
+    codec = KeyChannelCodec(2, 32, 6, 4)
+    got, ref = quantize_pack_keys(codec, view), codec.encode(view)
+    assert torch.equal(got["lo"], ref["lo"]) and torch.equal(got["scale"], ref["scale"])
+    vcodec = ValueTokenCodec(2, 64)
+    assert torch.equal(quantize_pack_values(vcodec, view)["codes"], vcodec.encode(view)["codes"])
+
+
+# -- decode attention ---------------------------------------------------------------------
+
+def filled_layer(B, H_kv, D, key_codec, value_codec, residual, sinks, prompt, steps, dtype):
+    """A QuantizedLayer after a prompt and ``steps`` decode updates (tails are views, lengths odd)."""
+    layer = QuantizedLayer(key_codec, value_codec, residual, sinks)
+    for n in [prompt] + [1] * steps:
+        layer.update(keys_like_a_model(B, H_kv, n, D, dtype), torch.randn(B, H_kv, n, D, device=DEVICE, dtype=dtype))
+    return layer
+
+
+DECODE_CASES = [  # B, H_kv, n_rep, D, bits, group, boosted, sinks, prompt, steps, q_len, dtype, left pad
+    (2, 2, 1, 64, 2, 32, 0, 0, 150, 3, 1, torch.bfloat16, False),
+    (2, 2, 4, 64, 2, 32, 12, 4, 131, 2, 1, torch.bfloat16, True),
+    (1, 2, 8, 128, 2, 64, 25, 32, 190, 1, 1, torch.bfloat16, False),
+    (3, 1, 4, 128, 4, 32, 0, 0, 97, 4, 1, torch.float16, False),
+    (2, 2, 4, 64, 2, 16, 0, 4, 45, 2, 2, torch.bfloat16, True),
+    (1, 1, 1, 64, 4, 32, 0, 4, 20, 1, 1, torch.float16, False),  # nothing quantized yet
+    # value groups span the head (the default G = head_dim): value scales fold into p
+    (2, 2, 4, 64, 2, 64, 0, 0, 300, 2, 1, torch.bfloat16, True),
+    (1, 2, 4, 128, 2, 128, 25, 32, 620, 3, 1, torch.bfloat16, False),
+    (1, 1, 4, 64, 4, 64, 0, 4, 230, 1, 2, torch.float16, False),
+]
+
+
+@here
+@pytest.mark.parametrize("B,H_kv,n_rep,D,bits,group,nb,sinks,prompt,steps,q_len,dtype,pad", DECODE_CASES)
+def test_fused_attend(B, H_kv, n_rep, D, bits, group, nb, sinks, prompt, steps, q_len, dtype, pad):
+    key_codec = KeyChannelCodec(bits, group, nb, 4)
+    layer = filled_layer(B, H_kv, D, key_codec, ValueTokenCodec(bits, min(group, D)), 2 * group, sinks, prompt,
+                         steps, dtype)
+    if q_len > 1:  # a few query tokens at once (speculative decoding): append them first
+        new_values = torch.randn(B, H_kv, q_len, D, device=DEVICE, dtype=dtype)
+        layer.update(keys_like_a_model(B, H_kv, q_len, D, dtype), new_values)
+    query = torch.randn(B, H_kv * n_rep, q_len, D, device=DEVICE, dtype=dtype)
+    mask = None
+    if pad:  # left padding: row 0 starts 7 tokens late
+        L = layer.get_seq_length()
+        mask = torch.ones(B, 1, q_len, L, dtype=torch.bool, device=DEVICE).tril(L - q_len)
+        mask[0, ..., :7] = False
+    out = fused_attend(layer, query, mask, D**-0.5)
+    ref = reference_attend(layer, query, mask, D**-0.5, compute_dtype=torch.float32)
+    assert out.shape == (B, q_len, H_kv * n_rep, D) and out.dtype == dtype
+    assert rel_err(out, ref) < 1e-2
+
+
+@here
+def test_fused_attend_prefill_falls_back():
+    """Many query rows (prefill) go to the reference path, with the same result."""
+    layer = QuantizedLayer(KeyChannelCodec(2, 32), ValueTokenCodec(2, 32), 32, 4)
+    x = torch.randn(1, 1, 70, 64, device=DEVICE, dtype=torch.float16)
+    layer.update(x, x)
+    query = torch.randn(1, 2, 70, 64, device=DEVICE, dtype=torch.float16)
+    out = fused_attend(layer, query, None, 0.125)
+    assert rel_err(out, reference_attend(layer, query, None, 0.125, compute_dtype=torch.float32)) < 1e-2
