@@ -346,5 +346,5 @@ def test_calibrate_end_to_end_on_smollm2(tmp_path, capsys):
     method = build_method("aqua-kv", predictors=str(out), recent_buffer_size=16)
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids
     cache = kvlab.make_cache(method, model)
-    out_ids = model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False)
+    out_ids = model.generate(ids, past_key_values=cache, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert out_ids.shape[1] == ids.shape[1] + 20 and len(cache.layers[0].blocks) >= 2
