@@ -120,6 +120,21 @@ def _check_run_options(args: argparse.Namespace, methods: list) -> None:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
+    units, agg = run_ppl(args)
+    print_ppl_summary(agg)
+    print(f"\nresults: {args.output_dir}/", file=sys.stderr)
+    return 0
+
+
+def print_ppl_summary(agg: dict) -> None:
+    print(format_table(agg["methods"], PPL_COLUMNS + CACHE_COLUMNS))
+    if agg["paired_vs_baseline"]:
+        print(f"\nPaired vs {agg['baseline']} over the same windows ({agg['correction']}):")
+        print(format_table(agg["paired_vs_baseline"], PAIRED_COLUMNS))
+
+
+def run_ppl(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Validate, run (resuming finished units) and aggregate ``kvlab ppl``; returns (units, aggregate)."""
     import torch
 
     from kvlab import data, models
@@ -203,16 +218,12 @@ def cmd_ppl(args: argparse.Namespace) -> int:
             log.remove()
             units.append(unit)
 
-    agg = aggregate(units)
+    labels = [m.label for m in methods]
+    agg = aggregate(units, baseline="dense" if "dense" in labels else "fp16")
     _add_cache_sizes(agg["methods"], units)
-    agg["config"] = {**cfg.as_dict(), "seeds": args.seeds, "methods": [m.label for m in methods], **extra}
+    agg["config"] = {**cfg.as_dict(), "seeds": args.seeds, "methods": labels, **extra}
     write_json(out / "aggregated_results.json", agg)
-    print(format_table(agg["methods"], PPL_COLUMNS + CACHE_COLUMNS))
-    if agg["paired_vs_baseline"]:
-        print(f"\nPaired vs fp16 over the same windows ({agg['correction']}):")
-        print(format_table(agg["paired_vs_baseline"], PAIRED_COLUMNS))
-    print(f"\nresults: {out}/", file=sys.stderr)
-    return 0
+    return units, agg
 
 
 APPROX_GROUP_SIZE = 64  # FP4 weight groups (the artifact's setting for Llama models)
@@ -296,7 +307,10 @@ def _head_dim(config) -> int:
 
 
 # Further subcommands live in their own modules, each with ``register(subparsers)``.
-COMMAND_MODULES: list[str] = ["kvlab.commands.calibrate", "kvlab.commands.report", "kvlab.commands.eval", "kvlab.commands.fidelity"]
+COMMAND_MODULES: list[str] = [
+    "kvlab.commands.calibrate", "kvlab.commands.report", "kvlab.commands.eval", "kvlab.commands.fidelity",
+    "kvlab.commands.genbench",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
 
     q = sub.add_parser("ppl", help="perplexity with the compressed cache in the decode loop")
+    add_ppl_arguments(q)
+    q.set_defaults(func=cmd_ppl)
+    return p
+
+
+def add_ppl_arguments(q: argparse.ArgumentParser) -> None:
+    """The options of ``kvlab ppl`` (shared by ``kvlab genbench``, which changes some defaults)."""
     q.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), an HF id or a local path")
     q.add_argument("--methods", nargs="+", default=DEFAULT_PPL_METHODS, help="method specs, e.g. kivi-2:group_size=32")
     q.add_argument("--dataset", default="wikitext2", help="wikitext2, pg19, pg19:<book>, a text file, or an HF dataset")
@@ -339,8 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "windows each scored with one forward (standard HF perplexity, the AxCore artifact's)")
     q.add_argument("--seqlen", type=int, default=2048, help="window length of --protocol full-sequence")
     q.add_argument("--max-windows", type=int, default=0, help="--protocol full-sequence: the first N windows (0: all)")
-    q.set_defaults(func=cmd_ppl)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

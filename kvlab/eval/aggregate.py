@@ -55,5 +55,5 @@ def aggregate(units: list[dict], baseline: str = "fp16") -> dict:
             c["stars"] = stars(p)
         for c in comparisons:
             summary[c["method"]]["rel_to_baseline"] = summary[c["method"]]["ppl_mean"] / summary[baseline]["ppl_mean"] - 1
-    return {"methods": list(summary.values()), "paired_vs_baseline": comparisons,
+    return {"methods": list(summary.values()), "baseline": baseline, "paired_vs_baseline": comparisons,
             "correction": "Holm-Bonferroni over the methods compared with the baseline"}
