@@ -32,9 +32,8 @@ import math
 from typing import Any, NamedTuple, Protocol
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
-from kvlab.cache import KVLayerMixin
+from kvlab.cache import CompressedLayer
 from kvlab.quant.higgs import HiggsCodes, HiggsQuantizer
 from kvlab.quant.predictors import CrossLayerPredictors, LayerCodes, LayerKV
 
@@ -216,11 +215,9 @@ def _map_codes(codes: LayerCodes, fn) -> LayerCodes:
     return LayerCodes(*(HiggsCodes(fn(c.codes), fn(c.scales)) for c in codes))
 
 
-class BufferedBlockLayer(KVLayerMixin, CacheLayerMixin):
+class BufferedBlockLayer(CompressedLayer):
     """One attention layer of an AQUA-KV / HIGGS cache (see the module docstring)."""
 
-    is_sliding = False
-    is_compileable = False
     is_croppable = True
 
     def __init__(self, codec: BlockCodec, prefix_size: int, buffer_size: int, layer_idx: int,
@@ -317,52 +314,9 @@ class BufferedBlockLayer(KVLayerMixin, CacheLayerMixin):
         return (torch.cat([t for t in keys if t is not None], dim=2),
                 torch.cat([t for t in values if t is not None], dim=2))
 
-    # -- transformers' layer API -------------------------------------------------------------
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
-            query_length = query_length.shape[0]
-        return self.length + query_length, 0
-
-    def reset(self) -> None:
-        self._clear()
-
     def _apply(self, fn) -> None:
-        """Apply a batch-row operation to everything held (codes are per row, so this is exact)."""
-        for name in ("sink_keys", "sink_values", "key_tail", "value_tail"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
+        self._apply_to(("sink_keys", "sink_values", "key_tail", "value_tail"), fn)
         self.blocks = [Block(b.start, b.length, _map_codes(b.codes, fn)) for b in self.blocks]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply(lambda t: t[indices, ...])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:  # legacy form: the length to keep
-            tokens_to_remove = tokens_to_remove - self.length
-        n = -tokens_to_remove
-        if n <= 0:
-            return
-        buffered = self.key_tail.shape[2] if self.key_tail is not None else 0
-        if n > buffered:
-            raise ValueError(f"cannot crop {n} tokens: only the newest {buffered} are in the full-precision "
-                             "buffer and compressed blocks are write-once")
-        self.key_tail = self.key_tail[:, :, : buffered - n]
-        self.value_tail = self.value_tail[:, :, : buffered - n]
-        self.length -= n
 
     # -- accounting ----------------------------------------------------------------------------
 

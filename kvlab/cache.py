@@ -114,9 +114,88 @@ class FullPrecisionLayer(KVLayerMixin, DynamicLayer):
         return (self.keys, self.values) if self.is_initialized else ()
 
 
-class QuantizedLayer(KVLayerMixin, CacheLayerMixin):
+class CompressedLayer(KVLayerMixin, CacheLayerMixin):
+    """Base of kvlab's own cache layers.
+
+    A subclass keeps ``length`` (tokens seen) and implements ``_clear`` (the empty state) and
+    ``_apply(fn)`` (a batch-row operation on every tensor it holds); the rest of transformers'
+    layer API follows. ``crop`` drops the newest tokens from the full-precision tails
+    (``key_tail``/``value_tail``): compressed tokens are write-once.
+    """
+
     is_sliding = False
     is_compileable = False
+
+    def _clear(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn) -> None:
+        raise NotImplementedError
+
+    def _apply_to(self, names: tuple[str, ...], fn) -> None:
+        for name in names:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
+            query_length = query_length.shape[0]
+        return self.length + query_length, 0
+
+    def reset(self) -> None:
+        self._clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # Compression is per batch row, so selecting rows of the compressed data is exact.
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # legacy form: the length to keep
+            tokens_to_remove = tokens_to_remove - self.length
+        n = -tokens_to_remove
+        if n <= 0:
+            return
+        tails = [t.shape[2] if t is not None else 0 for t in (self.key_tail, self.value_tail)]
+        if n > min(tails):
+            raise ValueError(f"cannot crop {n} tokens: only the newest {min(tails)} are in full precision and "
+                             "compressed tokens are write-once")
+        self.key_tail = self.key_tail[:, :, : tails[0] - n]
+        self.value_tail = self.value_tail[:, :, : tails[1] - n]
+        self.length -= n
+
+
+class StoredLayer(CompressedLayer):
+    """A layer whose compressed part lives in ``key_store``/``value_store`` (PackedStore)."""
+
+    def memory_bytes(self) -> int:
+        fp = sum(_nbytes(t) for t in self.full_precision_tensors())
+        return fp + self.key_store.nbytes() + self.value_store.nbytes()
+
+    def quantized_tokens(self) -> tuple[int, int]:
+        return self.key_store.tokens, self.value_store.tokens
+
+    def quantized_bytes(self) -> tuple[int, int]:
+        return self.key_store.nbytes(), self.value_store.nbytes()
+
+
+class QuantizedLayer(StoredLayer):
     is_croppable = True
 
     def __init__(self, key_codec: KeyChannelCodec, value_codec: ValueTokenCodec, residual: int, sinks: int,
@@ -140,10 +219,6 @@ class QuantizedLayer(KVLayerMixin, CacheLayerMixin):
         self.length = 0
         self.keys = self.values = None
         self.is_initialized = False
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     # -- the reference algorithm -------------------------------------------------------
 
@@ -202,70 +277,15 @@ class QuantizedLayer(KVLayerMixin, CacheLayerMixin):
     def _decoded(self, store: PackedStore, codec) -> torch.Tensor | None:
         return codec.decode(store.fields, self.dtype) if store.tokens else None
 
-    # -- transformers' layer API ---------------------------------------------------------
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
-            query_length = query_length.shape[0]
-        return self.length + query_length, 0
-
-    def reset(self) -> None:
-        self._clear()
-
     def _apply(self, fn) -> None:
-        for name in ("sink_keys", "sink_values", "key_tail", "value_tail"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
+        self._apply_to(("sink_keys", "sink_values", "key_tail", "value_tail"), fn)
         self.key_store.apply(fn)
         self.value_store.apply(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        # Quantization is per batch row, so selecting rows of the packed data is exact.
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply(lambda t: t[indices, ...])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:  # legacy form: the length to keep
-            tokens_to_remove = tokens_to_remove - self.length
-        n = -tokens_to_remove
-        if n <= 0:
-            return
-        tails = [t.shape[2] if t is not None else 0 for t in (self.key_tail, self.value_tail)]
-        if n > min(tails):
-            raise ValueError(
-                f"cannot crop {n} tokens: only the newest {min(tails)} are in full precision and "
-                "quantized tokens cannot be un-quantized"
-            )
-        self.key_tail = self.key_tail[:, :, : tails[0] - n]
-        self.value_tail = self.value_tail[:, :, : tails[1] - n]
-        self.length -= n
 
     # -- accounting ----------------------------------------------------------------------
 
     def full_precision_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return self.sink_keys, self.sink_values, self.key_tail, self.value_tail
-
-    def memory_bytes(self) -> int:
-        fp = sum(_nbytes(t) for t in self.full_precision_tensors())
-        return fp + self.key_store.nbytes() + self.value_store.nbytes()
-
-    def quantized_tokens(self) -> tuple[int, int]:
-        return self.key_store.tokens, self.value_store.tokens
-
-    def quantized_bytes(self) -> tuple[int, int]:
-        return self.key_store.nbytes(), self.value_store.nbytes()
 
 
 class CompressedCache(Cache):

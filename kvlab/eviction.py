@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvlab.attention import mark_pending
-from kvlab.cache import KVLayerMixin, _nbytes
+from kvlab.cache import CompressedLayer, _nbytes
 from kvlab.methods.base import Method
 
 CHUNK_ROWS = 256  # query rows per block of the scoring attention (bounds prefill memory)
@@ -212,9 +211,6 @@ class EvictionMixin:
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_max_length(self) -> int:
-        return -1
-
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):
             query_length = query_length.shape[0]
@@ -263,26 +259,20 @@ def scored_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.view(B, Hq, q, D).transpose(1, 2).contiguous(), mass
 
 
-class EvictionLayer(EvictionMixin, KVLayerMixin, CacheLayerMixin):
+class EvictionLayer(EvictionMixin, CompressedLayer):
     """Full-precision evicting layer: ``keys``/``values`` [B, H, kept, D] in the model's dtype."""
 
-    is_sliding = False
-    is_compileable = False
     is_croppable = False
 
     def __init__(self, method: EvictionMethod, layer_idx: int = 0):
         super().__init__()
         self.method, self.layer_idx = method, layer_idx
-        self.reset()
+        self._clear()
 
-    def reset(self) -> None:
+    def _clear(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
         self._reset_eviction()
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -303,19 +293,7 @@ class EvictionLayer(EvictionMixin, KVLayerMixin, CacheLayerMixin):
         self.keys, self.values = self.keys.gather(2, full), self.values.gather(2, full)
 
     def _apply(self, fn) -> None:
-        for name in ("keys", "values", "scores", "positions"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply(lambda t: t[indices, ...])
+        self._apply_to(("keys", "values", "scores", "positions"), fn)
 
     def full_precision_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return (self.keys, self.values) if self.is_initialized else ()

@@ -159,7 +159,7 @@ def test_crop_and_reset():
     layer.crop(-2)
     assert layer.get_seq_length() == 31
     assert torch.equal(layer.dequantized()[0], keys_before[:, :, :31])
-    with pytest.raises(ValueError, match="quantized tokens cannot be un-quantized"):
+    with pytest.raises(ValueError, match="compressed tokens are write-once"):
         layer.crop(-25)
     layer.reset()
     assert layer.get_seq_length() == 0 and layer.memory_bytes() == 0

@@ -18,7 +18,6 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from kvlab import attention
 from kvlab.cache import make_cache

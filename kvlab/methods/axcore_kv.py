@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from kvlab.approx.attention import approx_attention
 from kvlab.approx.formats import FORMAT_BY_NAME, FP4Format, decode, group_scales, quantize_codes
 from kvlab.attention import mark_pending
-from kvlab.cache import KVLayerMixin, PackedStore, _cat, _nbytes
+from kvlab.cache import PackedStore, StoredLayer, _cat
 from kvlab.methods.base import Method, register
 from kvlab.quant.packing import pack, unpack
 
@@ -88,29 +87,28 @@ class ValueChannelCodec:
         return dequantize_last(*quantize_last(xt, self.fmt, self.group), self.fmt, self.group).transpose(2, 3)
 
 
-class AxCoreKVLayer(KVLayerMixin, CacheLayerMixin):
+class AxCoreKVLayer(StoredLayer):
     """One attention layer's FP4 cache; ``attend`` computes attention with approximate products."""
 
-    is_sliding = False
-    is_compileable = False
     is_croppable = False
 
     def __init__(self, keys: KeyTokenCodec, values: ValueChannelCodec, artifact: bool, layer_idx: int = 0):
         super().__init__()
         self.key_codec, self.value_codec = keys, values
         self.artifact, self.layer_idx = artifact, layer_idx
-        self.reset()
+        self._clear()
 
-    def reset(self) -> None:
+    def _clear(self) -> None:
         self.keys = self.values = None  # artifact mode: fp16 keys and values
         self.key_store, self.value_store = PackedStore(), PackedStore()
         self.value_tail: torch.Tensor | None = None  # decode mode: the incomplete value group
         self.length = 0
         self.is_initialized = False
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
+    def _apply(self, fn) -> None:
+        self._apply_to(("keys", "values", "value_tail"), fn)
+        self.key_store.apply(fn)
+        self.value_store.apply(fn)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Store the new tokens; returns the keys and values attention sees (dequantized)."""
@@ -140,33 +138,10 @@ class AxCoreKVLayer(KVLayerMixin, CacheLayerMixin):
         """``key``/``value`` are what ``update`` returned: the cache as attention sees it."""
         return approx_attention(query, key, value, attention_mask, scaling)
 
-    # -- transformers' layer API ---------------------------------------------------------
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        if isinstance(query_length, torch.Tensor):
-            query_length = query_length.shape[0]
-        return self.length + query_length, 0
-
     # -- accounting ----------------------------------------------------------------------
 
     def full_precision_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return (self.keys, self.values) if self.artifact else (self.value_tail,)
-
-    def memory_bytes(self) -> int:
-        fp = sum(_nbytes(t) for t in self.full_precision_tensors())
-        return fp + self.key_store.nbytes() + self.value_store.nbytes()
-
-    def quantized_tokens(self) -> tuple[int, int]:
-        return self.key_store.tokens, self.value_store.tokens
-
-    def quantized_bytes(self) -> tuple[int, int]:
-        return self.key_store.nbytes(), self.value_store.nbytes()
 
 
 @register("axcore-kv4")
