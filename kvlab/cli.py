@@ -309,7 +309,7 @@ def _head_dim(config) -> int:
 # Further subcommands live in their own modules, each with ``register(subparsers)``.
 COMMAND_MODULES: list[str] = [
     "kvlab.commands.calibrate", "kvlab.commands.report", "kvlab.commands.eval", "kvlab.commands.fidelity",
-    "kvlab.commands.genbench",
+    "kvlab.commands.genbench", "kvlab.commands.bench",
 ]
 
 
@@ -372,4 +372,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the canonical module's main: subcommand modules raise ``kvlab.cli.UsageError``, which
+    # is not this ``__main__`` module's class.
+    from kvlab.cli import main as canonical_main
+
+    sys.exit(canonical_main())

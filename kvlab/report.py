@@ -33,6 +33,9 @@ Every ``*.json`` under the given paths is read (recursively) and recognised by i
                "ms_per_token_std"?: float, "tokens_per_s"?: float (default batch * 1000 / ms_per_token),
                "peak_memory_mb"?: float}]}
 
+    A row with ``"oom": true`` or ``"skipped": str`` (a run that ran out of memory or could not run)
+    needs no timing; it is listed under the table, not drawn.
+
 p-values are Holm-corrected within a table; marks: *** p<0.001, ** p<0.01, * p<0.05, ns.
 """
 
@@ -111,10 +114,16 @@ def _check(kind: str, data: dict) -> None:
         raise ValueError(f"{kind} result: field {key!r} missing or not a {kind_name}")
     if not data[list_key]:
         raise ValueError(f"{kind} result: {list_key!r} is empty")
-    if any(not isinstance(row, dict) or bad(row, row_fields) for row in data[list_key]):
+    if any(not isinstance(row, dict) or bad(row, row_fields) for row in data[list_key] if not _not_run(kind, row)):
         raise ValueError(f"{kind} result: each of {list_key!r} needs {list(row_fields)}")
     if kind == "fidelity" and any(len(r["positions"]) != len(r["agreement"]) for r in data["methods"]):
         raise ValueError("fidelity result: 'positions' and 'agreement' differ in length")
+
+
+def _not_run(kind: str, row: Any) -> bool:
+    """A latency row of a run that ran out of memory or was skipped: no timing to check."""
+    return kind == "latency" and isinstance(row, dict) and isinstance(row.get("method"), str) and (
+        bool(row.get("oom")) or bool(row.get("skipped")))
 
 
 def collect(paths: list[Path], exclude: Path | None = None) -> Collected:
@@ -357,8 +366,16 @@ def fidelity_table(rows: list[dict]) -> Table:
 
 
 def latency_rows(group: dict) -> list[dict]:
-    rows = [{**r, "tokens_per_s": r.get("tokens_per_s", r["batch"] * 1000 / r["ms_per_token"])} for r in group["rows"]]
+    rows = [{**r, "tokens_per_s": r.get("tokens_per_s", r["batch"] * 1000 / r["ms_per_token"])} for r in group["rows"]
+            if not _not_run("latency", r)]
     return sorted(rows, key=lambda r: (r["method"], r["context"], r["batch"]))
+
+
+def latency_not_run(group: dict) -> str:
+    """The runs without timing, one line each: ``method, batch B, context C: out of memory``."""
+    return "\n".join(f"{r['method']}, batch {r.get('batch', NA)}, context {r.get('context', NA)}: "
+                     + ("out of memory" if r.get("oom") else f"skipped ({r['skipped']})")
+                     for r in group["rows"] if _not_run("latency", r))
 
 
 def latency_table(rows: list[dict]) -> Table:
@@ -421,7 +438,9 @@ def build(col: Collected, plot_dir: Path) -> list[Block]:
         for (model, device, dtype), g in lat.items():
             rows = latency_rows(g)
             title = f"{model} on {device}" + (f", {dtype}" if dtype else "")
-            blocks += [Block("h3", title), Block("table", table=latency_table(rows))]
+            blocks += [Block("h3", title)] + ([Block("table", table=latency_table(rows))] if rows else [])
+            if not_run := latency_not_run(g):
+                blocks += [Block("p", "Not measured:"), Block("list", not_run)]
             for name in (plots.throughput(rows, f"Throughput vs batch ({title})",
                                           plot_dir / _slug("tps_vs_batch", model, device, dtype)),
                          plots.latency(rows, f"Decode latency vs context ({title})",

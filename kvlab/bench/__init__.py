@@ -1,0 +1,1 @@
+"""Speed benchmarks of KV caches (``kvlab bench``)."""

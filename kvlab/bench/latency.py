@@ -1,0 +1,265 @@
+"""Decode latency and throughput of KV caches (``kvlab bench latency``).
+
+One run is one cache at one (batch, context): a seeded random prompt of ``context`` token ids,
+prefilled by one forward call, then a plain greedy decode loop of ``gen_len`` steps through the
+cache. Each step (forward + argmax) is timed on its own, synchronized on CUDA; the first
+``warmup`` steps are dropped. ``ms_per_token`` is the median of the rest and ``tokens_per_s`` =
+``batch * 1000 / ms_per_token`` (tokens of all sequences).
+
+Rows (the ``rows`` of a ``"kind": "latency"`` result, see :mod:`kvlab.report`)::
+
+    {"method", "batch", "context", "gen_len", "prefill_ms", "ms_per_token", "ms_per_token_std",
+     "tokens_per_s", "peak_memory_mb" (None on CPU), "cache_bytes", "bits_per_value_all_in", ...}
+    {"method", "batch", "context", "oom": true, "error": str}   # ran out of memory
+    {"method", "batch", "context", "skipped": str}               # cannot run here (the reason)
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+HF_BASELINES = ("hf-dynamic", "hf-static-compiled", "hf-quanto-2", "hf-quanto-4")
+PROBE_STEPS = 2  # decode steps per --find-max-batch probe (after the prefill)
+MAX_PROBE_BATCH = 8192  # --find-max-batch stops doubling here
+
+
+@dataclass(frozen=True)
+class Case:
+    """One cache to time. ``new_cache(model, max_length)`` builds it; ``compiled``: decode steps go
+    through ``torch.compile(model.forward, mode="reduce-overhead")``; ``skipped``: why it cannot run;
+    ``baseline``: a failure other than out-of-memory is recorded instead of raised."""
+
+    label: str
+    new_cache: Callable[[Any, int], Any] | None = None
+    compiled: bool = False
+    skipped: str | None = None
+    baseline: bool = False
+
+
+def method_case(method) -> Case:
+    """A kvlab method's cache, preallocated for the whole run (fused Triton kernels on CUDA)."""
+    from kvlab.cache import make_cache
+
+    return Case(method.label, lambda model, n: make_cache(method, model, max_length=n))
+
+
+def hf_cases(device: torch.device) -> list[Case]:
+    """transformers' own caches: dynamic, static with a compiled decode step, quanto at 2 and 4 bits."""
+    from transformers.cache_utils import DynamicCache, QuantizedCache, StaticCache
+
+    try:
+        import optimum.quanto  # noqa: F401
+
+        no_quanto = None
+    except ImportError as e:
+        no_quanto = f"optimum.quanto is not importable ({e}); pip install optimum-quanto"
+    return [
+        Case("hf-dynamic", lambda model, n: DynamicCache(config=model.config), baseline=True),
+        Case("hf-static-compiled", lambda model, n: StaticCache(config=model.config, max_cache_len=n), compiled=True,
+             baseline=True, skipped=None if device.type == "cuda" else
+             "torch.compile mode='reduce-overhead' records CUDA graphs: CUDA only"),
+        *(Case(f"hf-quanto-{bits}", lambda model, n, bits=bits: QuantizedCache("quanto", model.config, nbits=bits),
+               baseline=True, skipped=no_quanto) for bits in (2, 4)),
+    ]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(e: BaseException) -> bool:
+    msg = str(e)
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg))
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def cache_size(cache, config, batch: int, tokens: int) -> dict[str, Any]:
+    """Bytes held by ``cache`` and bits per cached value: kvlab caches measure themselves
+    (``stats()``); transformers' caches are summed tensor by tensor (quanto tensors included)."""
+    if hasattr(cache, "stats"):
+        stats = cache.stats()
+    else:
+        from kvlab.methods.hf_quanto import _tensor_bytes
+
+        nbytes = sum(_tensor_bytes(getattr(layer, name, None)) for layer in cache.layers
+                     for name in ("keys", "values", "_quantized_keys", "_quantized_values"))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        values = 2 * batch * kv_heads * head_dim * config.num_hidden_layers * tokens
+        stats = {"cache_bytes": nbytes, "bits_per_value_all_in": 8 * nbytes / values}
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()}
+
+
+@torch.no_grad()
+def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: int, seed: int = 0) -> dict:
+    """Prefill + ``gen_len`` timed greedy decode steps of ``case``'s cache; one result row."""
+    device = model.device
+    config = model.config.get_text_config(decoder=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.randint(config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(device)
+    cache = case.new_cache(model, context + gen_len)
+    step = model
+    if case.compiled:
+        torch._dynamo.reset()  # a fresh graph for this batch and cache size
+        step = torch.compile(model.forward, mode="reduce-overhead")
+
+    _sync(device)
+    t0 = time.perf_counter()
+    next_ids = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    _sync(device)
+    prefill_ms = 1000 * (time.perf_counter() - t0)
+
+    times = []
+    for _ in range(gen_len):
+        t0 = time.perf_counter()
+        if case.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        next_ids = step(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        _sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+
+    timed = times[warmup:]
+    ms = statistics.median(timed)
+    return {
+        "method": case.label, "batch": batch, "context": context, "gen_len": gen_len, "warmup": warmup,
+        "prefill_ms": prefill_ms, "ms_per_token": ms,
+        "ms_per_token_std": statistics.stdev(timed) if len(timed) > 1 else 0.0,
+        "tokens_per_s": batch * 1000 / ms,
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        **cache_size(cache, config, batch, context + gen_len),
+    }
+
+
+def run_case(model, case: Case, batch: int, context: int, gen_len: int, warmup: int, seed: int = 0) -> dict:
+    """``measure``, with out-of-memory (and a baseline's failure) recorded as a row; memory freed after."""
+    key = {"method": case.label, "batch": batch, "context": context}
+    if case.skipped:
+        return {**key, "skipped": case.skipped}
+    attn = model.config._attn_implementation  # kvlab caches switch it on CUDA; each run starts from the same
+    try:
+        row = measure(model, case, batch, context, gen_len, warmup, seed)
+    except Exception as e:
+        if is_oom(e):
+            row = {**key, "oom": True, "error": _first_line(e)}
+        elif case.baseline:
+            row = {**key, "skipped": f"failed: {_first_line(e)}"}
+        else:
+            raise
+    # out of the except block: the traceback (and the tensors its frames hold) is gone
+    if model.config._attn_implementation != attn:
+        model.set_attn_implementation(attn)
+    if case.compiled:
+        torch._dynamo.reset()  # drops the CUDA graphs and their memory pool
+    free_memory(model.device)
+    return row
+
+
+def run_grid(model, cases: list[Case], batch_sizes: list[int], contexts: list[int], gen_len: int, warmup: int,
+             seed: int = 0, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per (case, context, batch), batches ascending; once a batch runs out of memory, the
+    larger ones at that context are recorded as out of memory without running. Each case first
+    gets one whole untimed run at the smallest shape, so one-time costs (Triton compilation, lazy
+    kernel loading, allocator growth) land in no row: on an H100 the first decode run of a process
+    was seen 2-3x slower than the same run repeated."""
+    rows = []
+    for case in cases:
+        if not case.skipped and not case.compiled:  # a compiled case compiles anew in each run anyway
+            run_case(model, case, min(batch_sizes), min(contexts), gen_len, warmup, seed)
+        for context in contexts:
+            oom_at = None
+            for batch in sorted(batch_sizes):
+                if oom_at is None:
+                    row = run_case(model, case, batch, context, gen_len, warmup, seed)
+                    oom_at = batch if row.get("oom") else None
+                else:
+                    row = {"method": case.label, "batch": batch, "context": context, "oom": True,
+                           "error": f"not run: batch {oom_at} already ran out of memory"}
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+    return rows
+
+
+def find_max_batch(fits: Callable[[int], bool], limit: int = MAX_PROBE_BATCH) -> tuple[int, list[list]]:
+    """The largest batch for which ``fits`` holds: double from 1 until it fails, then bisect between
+    the last fit and the first failure. Returns (batch, [[probed batch, fits], ...]); 0 when batch 1
+    fails, ``limit`` when nothing up to it fails."""
+    probes: list[list] = []
+
+    def probe(b: int) -> bool:
+        ok = fits(b)
+        probes.append([b, ok])
+        return ok
+
+    fit, fail = 0, None
+    b = 1
+    while b <= limit:
+        if not probe(b):
+            fail = b
+            break
+        fit, b = b, 2 * b
+    if fail is None:
+        if fit < limit and probe(limit):
+            fit = limit
+        return fit, probes
+    while fail - fit > 1:
+        mid = (fit + fail) // 2
+        if probe(mid):
+            fit = mid
+        else:
+            fail = mid
+    return fit, probes
+
+
+class _ProbeFailed(Exception):
+    pass
+
+
+def max_batch_rows(model, cases: list[Case], contexts: list[int], seed: int = 0,
+                   on_probe: Callable[[str], None] | None = None) -> list[dict]:
+    """For each case and context, the largest batch whose prefill + PROBE_STEPS decode steps fit in memory."""
+    rows = []
+    for case in cases:
+        for context in contexts:
+            if case.skipped or case.compiled:
+                why = case.skipped or "not probed: each probe would compile and record new CUDA graphs"
+                rows.append({"method": case.label, "context": context, "skipped": why})
+                continue
+
+            def fits(b: int, case=case, context=context) -> bool:
+                if on_probe:
+                    on_probe(f"{case.label} ctx={context} batch={b}")
+                row = run_case(model, case, b, context, PROBE_STEPS, 0, seed)
+                if row.get("skipped"):  # a baseline failed for another reason than memory
+                    raise _ProbeFailed(row["skipped"])
+                return not row.get("oom")
+
+            try:
+                best, probes = find_max_batch(fits)
+            except _ProbeFailed as e:
+                rows.append({"method": case.label, "context": context, "skipped": str(e)})
+                continue
+            rows.append({"method": case.label, "context": context, "max_batch": best,
+                         "capped": best == MAX_PROBE_BATCH, "probes": probes})
+    return rows
