@@ -155,6 +155,8 @@ class EvictionMixin:
         self.positions: torch.Tensor | None = None  # [B, H, kept] int32 absolute positions
         self._since_eviction = 0
         self._awaiting_attend = False
+        self.valid: torch.Tensor | None = None  # [B, H, kept] bool: False for left padding
+        self.row_offset: torch.Tensor | None = None  # [B] padding length: positions count from the first real token
 
     def _track(self, key_states: torch.Tensor) -> None:
         if self._awaiting_attend:
@@ -165,6 +167,8 @@ class EvictionMixin:
         B, H, q, _ = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
         new_pos = new_pos.expand(B, H, q)
+        if self.row_offset is not None:
+            new_pos = new_pos - self.row_offset.view(B, 1, 1)
         self.positions = new_pos.clone() if self.positions is None else torch.cat([self.positions, new_pos], 2)
         if self.method.scored:
             zeros = torch.zeros(B, H, q, device=key_states.device, dtype=torch.float32)
@@ -177,15 +181,47 @@ class EvictionMixin:
     def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                scaling: float | None = None, **kwargs) -> torch.Tensor:
         self._awaiting_attend = False
+        query_valid = self._record_padding(attention_mask, query.shape[2])
+        mask = self._kept_mask(attention_mask, query.shape[2])
         if self.method.scored:
-            out, mass = scored_attention(query, key, value, attention_mask, scaling,
-                                         self.method.score_rows(query.shape[2]))
+            out, mass = scored_attention(query, key, value, mask, scaling, self.method.score_rows(query.shape[2]),
+                                         query_valid)
             self.scores += mass
         else:
-            out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
+            if mask is not attention_mask:  # per KV head -> per query head
+                mask = mask.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            out = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)[0]
         self._before_eviction()
         self._maybe_evict()
         return out
+
+    def _record_padding(self, attention_mask, q: int) -> torch.Tensor | None:
+        """Mark the new entries that are padding (masked even for the last query row); returns the
+        new queries' validity [B, q], or None without a mask. Left padding found in the first call
+        shifts the row's positions so that sinks are its first real tokens."""
+        B, H = self.positions.shape[:2]
+        if attention_mask is None:
+            new_valid = torch.ones(B, q, dtype=torch.bool, device=self.positions.device)
+        else:
+            last = attention_mask[:, 0, -1, -q:]
+            new_valid = (last if last.dtype == torch.bool else last == 0).expand(B, q)
+        if self.valid is None and not bool(new_valid.all()):
+            self.row_offset = (~new_valid).sum(-1).to(self.positions.dtype)
+            self.positions = self.positions - self.row_offset.view(B, 1, 1)
+        new = new_valid.view(B, 1, q).expand(B, H, q)
+        self.valid = new.clone() if self.valid is None else torch.cat([self.valid, new], 2)
+        return None if attention_mask is None else new_valid
+
+    def _kept_mask(self, attention_mask, q: int):
+        """The attention mask over the kept entries. transformers' mask assumes the kept entries are
+        the most recent positions, which holds without padding; with padding, build it per KV head
+        from the entries' validity (every query also sees itself, so no row is empty)."""
+        if attention_mask is None or bool(self.valid.all()):
+            return attention_mask
+        n = self.valid.shape[2]
+        rows = torch.arange(q, device=self.valid.device)[:, None] + (n - q)
+        cols = torch.arange(n, device=self.valid.device)[None, :]
+        return (self.valid[:, :, None, :] | (cols == rows)) & (cols <= rows)  # [B, H, q, n]
 
     def _before_eviction(self) -> None:
         """Hook for storage that reorganises itself after a step (quantization of the residual)."""
@@ -200,6 +236,7 @@ class EvictionMixin:
         idx = mask_to_indices(keep, k)
         self._keep(idx)
         self.positions = self.positions.gather(2, idx)
+        self.valid = self.valid.gather(2, idx)
         if self.scores is not None:
             self.scores = self.scores.gather(2, idx)
             if self.method.reset_scores:
@@ -221,17 +258,20 @@ class EvictionMixin:
         return self._kept() if self.is_initialized else 0
 
     def eviction_bytes(self) -> int:
-        return _nbytes(self.scores) + _nbytes(self.positions)
+        return _nbytes(self.scores) + _nbytes(self.positions) + _nbytes(self.valid)
 
 
 def scored_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                     scaling: float | None, first_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     scaling: float | None, first_row: int = 0,
+                     query_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention and the attention mass each key receives, in one pass over query-row chunks.
 
     ``query`` [B, Hq, q, D]; ``key``/``value`` [B, Hkv, N, D] (the last q keys are the queries' own).
     Returns the output as transformers' attention functions do ([B, q, Hq, D]) and the mass
     [B, Hkv, N] (float32) received from query rows ``>= first_row``, summed over the query heads
-    of each GQA group: column sums of the softmax matrix, never built whole.
+    of each GQA group: column sums of the softmax matrix, never built whole. ``attention_mask`` is
+    [B|1, 1|Hkv, q, >=N] (bool or additive); rows where ``query_valid`` [B, q] is False (padding)
+    add no mass.
     """
     B, Hq, q, D = query.shape
     Hkv, N = key.shape[1], key.shape[2]
@@ -250,12 +290,15 @@ def scored_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             rows = torch.arange(r0, r1, device=query.device)
             logits = logits.masked_fill(cols > (N - q + rows)[:, None], float("-inf"))
         else:
-            m = attention_mask[:, :, r0:r1, -N:].unsqueeze(1)  # [B|1, 1, 1, r, N]
+            m = attention_mask[:, :, r0:r1, -N:].unsqueeze(2)  # [B|1, 1|Hkv, 1, r, N]
             logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
         p = logits.softmax(-1)
         out[:, :, :, r0:r1] = torch.matmul(p.to(value.dtype), v)
         if r1 > first_row:
-            mass += p[:, :, :, max(0, first_row - r0):].sum((2, 3))
+            scoring = p[:, :, :, max(0, first_row - r0):]
+            if query_valid is not None:
+                scoring = scoring * query_valid[:, None, None, max(r0, first_row) : r1, None].to(p.dtype)
+            mass += scoring.sum((2, 3))
     return out.view(B, Hq, q, D).transpose(1, 2).contiguous(), mass
 
 
@@ -293,7 +336,7 @@ class EvictionLayer(EvictionMixin, CompressedLayer):
         self.keys, self.values = self.keys.gather(2, full), self.values.gather(2, full)
 
     def _apply(self, fn) -> None:
-        self._apply_to(("keys", "values", "scores", "positions"), fn)
+        self._apply_to(("keys", "values", "scores", "positions", "valid", "row_offset"), fn)
 
     def full_precision_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return (self.keys, self.values) if self.is_initialized else ()

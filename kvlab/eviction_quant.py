@@ -136,8 +136,7 @@ class QuantizedEvictionLayer(EvictionMixin, QuantizedLayer):
 
     def _apply(self, fn) -> None:
         super()._apply(fn)
-        self.scores = None if self.scores is None else fn(self.scores)
-        self.positions = None if self.positions is None else fn(self.positions)
+        self._apply_to(("scores", "positions", "valid", "row_offset"), fn)
 
     def memory_bytes(self) -> int:
         return super().memory_bytes() + self.eviction_bytes()

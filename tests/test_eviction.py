@@ -132,6 +132,31 @@ def test_batch_rows_are_independent(model, ids):
         torch.testing.assert_close(both[b : b + 1], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["streamingllm:budget=12,sinks=2", "h2o:budget=12", "cab:budget=12",
+                                  "snapkv:budget=12,window=4,interval=1"])
+def test_left_padding_survives_eviction(model, ids, spec):
+    """A left-padded row decodes exactly as it does alone: padding is masked, never a sink, and
+    adds no attention mass, before and after evictions."""
+    pad = 5
+    padded = torch.cat([torch.zeros(2, pad, dtype=ids.dtype), ids], 1)
+    mask = torch.ones_like(padded)
+    mask[0, :pad] = 0  # row 0 left-padded; row 1 keeps 5 real leading tokens
+    padded[1, :pad] = ids[1, :pad]
+    cache = make_cache(spec, model)
+    with torch.no_grad():
+        n = pad + PROMPT
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        out = [model(padded[:, :n], attention_mask=mask[:, :n], position_ids=pos[:, :n], past_key_values=cache,
+                     use_cache=True).logits[:, -1]]
+        for t in range(n, padded.shape[1]):
+            out.append(model(padded[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                             past_key_values=cache, use_cache=True).logits[:, -1])
+    alone, _ = run(model, ids[:1], spec)
+    torch.testing.assert_close(torch.stack(out, 1)[:1], alone, rtol=1e-4, atol=1e-4)
+    layer = cache.layers[0]
+    assert layer.kept_length() == 12 and bool(layer.valid[0].all())  # the padding was evicted first
+
+
 def test_reset_clears_scores(model, ids):
     out, cache = run(model, ids, "h2o:budget=10")
     cache.reset()

@@ -41,7 +41,8 @@ class CAB(EvictionMethod):
         chosen = top_k_mask(scores.masked_fill(local, inf), min(keep, k))
         if keep >= k:
             return chosen
-        rest = scores[~chosen].view(*scores.shape[:-1], -1)  # same count in every row
-        median = rest.median(-1, keepdim=True).values
+        padding = positions < 0  # left padding: never a bridge, not part of the median
+        rest = scores.masked_fill(padding, float("nan"))[~chosen].view(*scores.shape[:-1], -1)  # same count per row
+        median = rest.nanmedian(-1, keepdim=True).values
         closeness = -(scores - median).abs()
-        return top_k_mask(closeness.masked_fill(chosen, inf), k)
+        return top_k_mask(closeness.masked_fill(padding, -inf).masked_fill(chosen, inf), k)

@@ -28,5 +28,6 @@ class StreamingLLM(EvictionMethod):
             raise ValueError(f"{self.label}: sinks={self.sinks} must be >= 0")
 
     def select(self, scores, positions: torch.Tensor, k: int, protect: torch.Tensor) -> torch.Tensor:
-        priority = positions.float().masked_fill((positions < self.sinks) | protect, float("inf"))
+        sinks = (positions >= 0) & (positions < self.sinks)  # left padding has negative positions
+        priority = positions.float().masked_fill(sinks | protect, float("inf"))
         return top_k_mask(priority, k)
