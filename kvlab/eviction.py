@@ -18,6 +18,7 @@ step's mask already sees the smaller cache.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -184,8 +185,8 @@ class EvictionMixin:
         query_valid = self._record_padding(attention_mask, query.shape[2])
         mask = self._kept_mask(attention_mask, query.shape[2])
         if self.method.scored:
-            out, mass = scored_attention(query, key, value, mask, scaling, self.method.score_rows(query.shape[2]),
-                                         query_valid)
+            score = _scorer(query, key, mask)
+            out, mass = score(query, key, value, mask, scaling, self.method.score_rows(query.shape[2]), query_valid)
             self.scores += mass
         else:
             if mask is not attention_mask:  # per KV head -> per query head
@@ -259,6 +260,16 @@ class EvictionMixin:
 
     def eviction_bytes(self) -> int:
         return _nbytes(self.scores) + _nbytes(self.positions) + _nbytes(self.valid)
+
+
+def _scorer(query: torch.Tensor, key: torch.Tensor, mask):
+    """The Triton kernel (kvlab.kernels.scored_attention) on CUDA where it applies, else the reference."""
+    if query.is_cuda and importlib.util.find_spec("triton") is not None:
+        from kvlab.kernels.scored_attention import scored_attention_triton, supported
+
+        if supported(query, key, mask):
+            return scored_attention_triton
+    return scored_attention
 
 
 def scored_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,

@@ -23,6 +23,7 @@ if HAS_TRITON:
     from kvlab.cache import QuantizedLayer
     from kvlab.kernels import fused_attend, quantize_pack_keys, quantize_pack_values
     from kvlab.kernels.reference import reference_attend
+    from kvlab.kernels.scored_attention import scored_attention_triton
     from kvlab.quant.codecs import KeyChannelCodec, ValueTokenCodec
 
 
@@ -163,3 +164,39 @@ def test_fused_attend_prefill_falls_back():
     query = torch.randn(1, 2, 70, 64, device=DEVICE, dtype=torch.float16)
     out = fused_attend(layer, query, None, 0.125)
     assert rel_err(out, reference_attend(layer, query, None, 0.125, compute_dtype=torch.float32)) < 1e-2
+
+
+SCORED_CASES = [  # B, H_kv, n_rep, q_len, N, D, dtype, masked
+    (2, 2, 2, 1, 37, 16, torch.float32, False),
+    (1, 1, 4, 3, 70, 32, torch.float32, True),
+    (2, 2, 1, 2, 130, 64, torch.float16, True),
+    (3, 1, 8, 1, 65, 64, torch.bfloat16, False),
+]
+
+
+@here
+@pytest.mark.parametrize("B,H_kv,n_rep,q_len,N,D,dtype,masked", SCORED_CASES)
+def test_scored_attention_kernel_matches_reference(B, H_kv, n_rep, q_len, N, D, dtype, masked):
+    """Output and per-key attention mass (causal, masked per KV head, padded query rows and rows
+    before first_row excluded) against kvlab.eviction.scored_attention."""
+    from kvlab.eviction import scored_attention
+
+    g = torch.Generator().manual_seed(N)
+    query = torch.randn(B, H_kv * n_rep, q_len, D, generator=g).to(DEVICE, dtype)
+    key = torch.randn(B, H_kv, N, D, generator=g).to(DEVICE, dtype)
+    value = torch.randn(B, H_kv, N, D, generator=g).to(DEVICE, dtype)
+    mask = query_valid = None
+    if masked:  # per-KV-head validity of the kept entries, causal over the new ones, each row sees itself
+        rows = torch.arange(q_len)[:, None] + (N - q_len)
+        cols = torch.arange(N)[None, :]
+        valid = torch.rand(B, H_kv, N, generator=g) > 0.3
+        mask = ((valid[:, :, None, :] | (cols == rows)) & (cols <= rows)).to(DEVICE)
+        query_valid = torch.ones(B, q_len, dtype=torch.bool, device=DEVICE)
+        query_valid[0, 0] = False
+    first_row = 1 if q_len > 1 else 0
+    out, mass = scored_attention_triton(query, key, value, mask, None, first_row, query_valid)
+    ref_out, ref_mass = scored_attention(query.float(), key.float(), value.float(), mask, None, first_row, query_valid)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel_err(out, ref_out) < tol
+    assert rel_err(mass, ref_mass) < tol
+    assert mass.dtype == torch.float32 and out.shape == (B, q_len, H_kv * n_rep, D)

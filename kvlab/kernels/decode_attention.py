@@ -92,7 +92,7 @@ _CONS_U4 = tl.constexpr("=r," * 4 + "r")
 
 
 @triton.jit
-def _dot(a, b):
+def safe_dot(a, b):
     if _INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     return tl.dot(a, b)
@@ -153,9 +153,9 @@ def _lean_values(vb, tok, vs_ptr, vz_ptr, I: tl.constexpr, c, vpart,
 def _lean_logits(kbytes, hbytes, J: tl.constexpr, t0, qs, zq, qb, mask_rows, S, R4: tl.constexpr,
                  KPER: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr, HAS_MASK: tl.constexpr):
     """Base-2 logits [M, R4] of key sub-tile J (tokens t0 + KPER * r + J) of a lean tile."""
-    s = _dot(qs, _unpack_field(kbytes, J, KBITS)) + zq[:, None]
+    s = safe_dot(qs, _unpack_field(kbytes, J, KBITS)) + zq[:, None]
     if NB > 0:
-        s += _dot(qb, _unpack_field(hbytes, J, KBITS))
+        s += safe_dot(qb, _unpack_field(hbytes, J, KBITS))
     if HAS_MASK:
         tok = t0 + KPER * tl.arange(0, R4) + J
         keep = tl.load(mask_rows[:, None] + (S + tok)[None, :]) != 0
@@ -186,11 +186,11 @@ def _lean_pv(p, J: tl.constexpr, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_pt
         if VPER == 4:
             v2 = _lean_values(vb, tok, vs_ptr, vz_ptr, 2, c, v2, D, VPER, GV)
             v3 = _lean_values(vb, tok, vs_ptr, vz_ptr, 3, c, v3, D, VPER, GV)
-    acc0 += _dot(pv, v0)
-    acc1 += _dot(pv, v1)
+    acc0 += safe_dot(pv, v0)
+    acc1 += safe_dot(pv, v1)
     if VPER == 4:
-        acc2 += _dot(pv, v2)
-        acc3 += _dot(pv, v3)
+        acc2 += safe_dot(pv, v2)
+        acc3 += safe_dot(pv, v3)
     return zacc, acc0, acc1, acc2, acc3
 
 
@@ -208,7 +208,7 @@ def _gen_key_logits(qf, q_rows, row_ok, t, ok, t0, lo_ptr, ks_ptr, kz_ptr, hi_pt
     zero = tl.load(kz_ptr + grp * D + d).to(tl.float32)
     byte = tl.load(lo_ptr + (t // KPER)[:, None] * D + d[None, :], mask=ok[:, None], other=0)
     codes = (byte.to(tl.int32) >> ((t % KPER) * KBITS)[:, None]) & ((1 << KBITS) - 1)
-    s = _dot((qf * scale[None, :]).to(tl.float16), tl.trans(codes.to(tl.float16)))
+    s = safe_dot((qf * scale[None, :]).to(tl.float16), tl.trans(codes.to(tl.float16)))
     s += tl.sum(qf * zero[None, :], axis=1)[:, None]
     if NB > 0:
         kb = tl.arange(0, NB_PAD)
@@ -220,7 +220,7 @@ def _gen_key_logits(qf, q_rows, row_ok, t, ok, t0, lo_ptr, ks_ptr, kz_ptr, hi_pt
         HPER: tl.constexpr = 8 // HBITS
         hb = tl.load(hi_ptr + (t // HPER)[:, None] * NB + kb[None, :], mask=ok[:, None] & kb_ok[None, :], other=0)
         hcodes = (hb.to(tl.int32) >> ((t % HPER) * HBITS)[:, None]) & ((1 << HBITS) - 1)
-        s += _dot(qb.to(tl.float16), tl.trans(hcodes.to(tl.float16)))
+        s += safe_dot(qb.to(tl.float16), tl.trans(hcodes.to(tl.float16)))
     return s
 
 
@@ -228,7 +228,7 @@ def _gen_key_logits(qf, q_rows, row_ok, t, ok, t0, lo_ptr, ks_ptr, kz_ptr, hi_pt
 def _fp_key_logits(q, base, rows, ok, st, D: tl.constexpr, DTYPE: tl.constexpr, qk_scale):
     d = tl.arange(0, D)
     k = tl.load(base + rows[:, None] * st + d[None, :], mask=ok[:, None], other=0.0).to(DTYPE)
-    return _dot(q, tl.trans(k)) * qk_scale
+    return safe_dot(q, tl.trans(k)) * qk_scale
 
 
 @triton.jit
@@ -258,15 +258,15 @@ def _gen_step(s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, tq, okq, vc_ptr, 
     l_i = l_i * alpha + tl.sum(p, axis=1)
     zacc = zacc * alpha
     p16 = p.to(tl.float16)
-    acc0 = acc0 * alpha[:, None] + _dot(p16, _gen_values(0, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows,
+    acc0 = acc0 * alpha[:, None] + safe_dot(p16, _gen_values(0, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows,
                                                          okf, fst, D, VBITS, GV))
     if AP >= 2:
-        acc1 = acc1 * alpha[:, None] + _dot(p16, _gen_values(1, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
+        acc1 = acc1 * alpha[:, None] + safe_dot(p16, _gen_values(1, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
                                                              fp_rows, okf, fst, D, VBITS, GV))
     if AP >= 4:
-        acc2 = acc2 * alpha[:, None] + _dot(p16, _gen_values(2, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
+        acc2 = acc2 * alpha[:, None] + safe_dot(p16, _gen_values(2, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
                                                              fp_rows, okf, fst, D, VBITS, GV))
-        acc3 = acc3 * alpha[:, None] + _dot(p16, _gen_values(3, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
+        acc3 = acc3 * alpha[:, None] + safe_dot(p16, _gen_values(3, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
                                                              fp_rows, okf, fst, D, VBITS, GV))
     return m_new, l_i, zacc, acc0, acc1, acc2, acc3
 
