@@ -94,6 +94,16 @@ def test_resume_skips_finished_and_never_duplicates(tiny_lm, data_dir, tmp_path)
     rows = {m["method"]: m for m in summary["methods"]}
     assert rows["fp16"]["problems"] == 4 and rows["fp16"]["repeats"] == 2
     assert summary["paired_vs_baseline"][0]["test"] == "paired-t"
+    assert rows["fp16"]["n"] == 8 and 0 <= rows["fp16"]["correct"] <= 8
+    report_reads(summary, "accuracy")
+
+
+def report_reads(data: dict, kind: str) -> None:
+    """kvlab report recognises the file and finds every field it needs."""
+    from kvlab.report import _check, detect
+
+    assert detect(data) == kind
+    _check(kind, data)
 
 
 def test_config_change_writes_a_separate_file(tiny_lm, data_dir, tmp_path):
@@ -236,6 +246,8 @@ def test_fidelity_command_writes_json_table_and_plots(tiny_lm, data_dir, tmp_pat
     assert rows["fp16"]["diverged_fraction"] == 0.0 and rows["fp16"]["problems"] == 2
     assert rows[KIVI_SMALL]["kl_mean"] > 0 and [b["start"] for b in rows["fp16"]["buckets"]][:2] == [0, 4]
     assert (out / (summary.stem + ".png")).stat().st_size > 0 and (out / (summary.stem + ".svg")).exists()
+    report_reads(data, "fidelity")
+    assert rows[KIVI_SMALL]["agreement"] == [b["agreement"] for b in rows[KIVI_SMALL]["buckets"]]
     printed = capsys.readouterr().out
     assert "top-1 agreement" in printed and "0-3" in printed
     assert main(args) == 0 and "2 of 2 problems done" in capsys.readouterr().err  # resumed

@@ -178,7 +178,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     wanted = {p.id for p in problems}
     records = [r for r in log.records.values() if r["problem_id"] in wanted and r["repeat"] < args.num_repeats]
     summary = g.summarize(records, labels, log.events)
-    write_json(out / f"summary_{cfg.hash}.json", {
+    write_json(out / f"summary_{cfg.hash}.json", {  # "kind": "accuracy" is what kvlab report reads
+        "kind": "accuracy", "model": cfg.model, "task": cfg.task, "baseline": g.BASELINE,
         "config": cfg.as_dict(), "config_hash": cfg.hash, "methods_run": labels, "num_repeats": args.num_repeats,
         "limit": args.limit, "results_file": log.path.name, **summary,
     })

@@ -123,7 +123,8 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     summaries = [f.summarize_method(m, [r for r in done if r["method"] == m], args.bucket_size) for m in labels]
     stem = str(out / f"fidelity_{chash}")
     plots = f.plot(summaries, stem, f"{args.model}, {args.task}: {len(problems)} prompts, fp16 greedy reference")
-    write_json(stem + ".json", {"config": cfg, "config_hash": chash, "limit": args.limit,
+    write_json(stem + ".json", {"kind": "fidelity", "model": args.model, "dataset": args.task, "reference": "fp16",
+                                "config": cfg, "config_hash": chash, "limit": args.limit,
                                 "bucket_size": args.bucket_size, "methods": summaries,
                                 "plots": [Path(p).name for p in plots], "results_file": log.path.name})
     print(format_table(summaries, COLUMNS))

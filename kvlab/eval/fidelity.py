@@ -110,7 +110,7 @@ def summarize_method(method: str, per_problem: list[dict], bucket: int) -> dict:
     # Median over problems, a problem that never diverged counting as +inf (undefined if most never did).
     ordered = sorted(f if f is not None else float("inf") for f in firsts)
     median = ordered[(len(ordered) - 1) // 2] if ordered else float("nan")
-    return {
+    summary = {
         "method": method, "problems": len(per_problem), "tokens": len(agree),
         "top1_agreement": float(np.mean(agree)) if agree else float("nan"),
         "kl_mean": float(np.mean(kl)) if kl else float("nan"),
@@ -119,6 +119,12 @@ def summarize_method(method: str, per_problem: list[dict], bucket: int) -> dict:
         "first_divergence_mean_diverged": float(np.mean(diverged)) if diverged else None,
         "buckets": bucketize(per_problem, bucket),
     }
+    # the fields kvlab report reads ("kind": "fidelity")
+    summary.update(positions=[(b["start"] + b["end"]) // 2 for b in summary["buckets"]],
+                   agreement=[b["agreement"] for b in summary["buckets"]],
+                   per_sample=[float(np.mean(p["agree"])) for p in per_problem if p["agree"]],
+                   mean=summary["top1_agreement"])
+    return summary
 
 
 def plot(summaries: list[dict], path_stem: str, title: str) -> list[str]:
