@@ -22,6 +22,21 @@ MAX_ROWS = 64  # query heads per KV head x query tokens handled by one program
 
 
 @triton.jit
+def _block_logits(q, K, MASK, b, h, t, row_ok, n, N, QLEN, skb, skh, skn, smb, smh, smq, smn, scale,
+                  D: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Scaled logits of the query rows against keys ``n``; -inf where a row may not attend."""
+    d = tl.arange(0, D)
+    k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :], mask=(n < N)[:, None], other=0.0)
+    s = safe_dot(q, tl.trans(k)).to(tl.float32) * scale
+    if HAS_MASK:
+        allowed = tl.load(MASK + b * smb + h * smh + t[:, None] * smq + n[None, :] * smn,
+                          mask=row_ok[:, None] & (n < N)[None, :], other=0) != 0
+    else:
+        allowed = n[None, :] <= (N - QLEN + t)[:, None]
+    return tl.where(allowed & row_ok[:, None] & (n < N)[None, :], s, float("-inf"))
+
+
+@triton.jit
 def _scored_attention_kernel(
     Q, K, V, MASK, QVALID, O, MASS,
     sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, smb, smh, smq, smn, sob, soh, sot, swb, swh,
@@ -44,17 +59,10 @@ def _scored_attention_kernel(
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(0, N, BLOCK_N):  # pass 1: softmax max and normaliser per row
         n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :], mask=(n < N)[:, None], other=0.0)
-        s = safe_dot(q, tl.trans(k)).to(tl.float32) * scale
-        if HAS_MASK:
-            allowed = tl.load(MASK + b * smb + h * smh + t[:, None] * smq + n[None, :] * smn,
-                              mask=row_ok[:, None] & (n < N)[None, :], other=0) != 0
-        else:
-            allowed = n[None, :] <= (N - QLEN + t)[:, None]
-        allowed = allowed & row_ok[:, None] & (n < N)[None, :]
-        s = tl.where(allowed, s, float("-inf"))
+        s = _block_logits(q, K, MASK, b, h, t, row_ok, n, N, QLEN, skb, skh, skn, smb, smh, smq, smn, scale,
+                          D, HAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
@@ -63,18 +71,12 @@ def _scored_attention_kernel(
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
 
     acc = tl.zeros([ROWS, D], tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(0, N, BLOCK_N):  # pass 2: exact probabilities, P @ V and each key's mass
         n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + h * skh + n[:, None] * skn + d[None, :], mask=(n < N)[:, None], other=0.0)
+        s = _block_logits(q, K, MASK, b, h, t, row_ok, n, N, QLEN, skb, skh, skn, smb, smh, smq, smn, scale,
+                          D, HAS_MASK)
+        p = tl.exp(s - m_safe[:, None]) * inv_l[:, None]
         v = tl.load(V + b * svb + h * svh + n[:, None] * svn + d[None, :], mask=(n < N)[:, None], other=0.0)
-        s = safe_dot(q, tl.trans(k)).to(tl.float32) * scale
-        if HAS_MASK:
-            allowed = tl.load(MASK + b * smb + h * smh + t[:, None] * smq + n[None, :] * smn,
-                              mask=row_ok[:, None] & (n < N)[None, :], other=0) != 0
-        else:
-            allowed = n[None, :] <= (N - QLEN + t)[:, None]
-        allowed = allowed & row_ok[:, None] & (n < N)[None, :]
-        p = tl.where(allowed, tl.exp(s - m_safe[:, None]) * inv_l[:, None], 0.0)
         acc += safe_dot(p.to(v.dtype), v).to(tl.float32)
         tl.store(MASS + b * swb + h * swh + n, tl.sum(p * weight[:, None], 0), mask=n < N)
     tl.store(O + b * sob + (h * G + j)[:, None] * soh + t[:, None] * sot + d[None, :], acc.to(O.dtype.element_ty),
