@@ -38,7 +38,7 @@ def _block_logits(q, K, MASK, b, h, t, row_ok, n, N, QLEN, skb, skh, skn, smb, s
 
 @triton.jit
 def _scored_attention_kernel(
-    Q, K, V, MASK, QVALID, O, MASS,
+    Q, K, V, MASK, QVALID, OUT, MASS,
     sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, smb, smh, smq, smn, sob, soh, sot, swb, swh,
     N, QLEN, first_row, scale,
     G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -79,7 +79,7 @@ def _scored_attention_kernel(
         v = tl.load(V + b * svb + h * svh + n[:, None] * svn + d[None, :], mask=(n < N)[:, None], other=0.0)
         acc += safe_dot(p.to(v.dtype), v).to(tl.float32)
         tl.store(MASS + b * swb + h * swh + n, tl.sum(p * weight[:, None], 0), mask=n < N)
-    tl.store(O + b * sob + (h * G + j)[:, None] * soh + t[:, None] * sot + d[None, :], acc.to(O.dtype.element_ty),
+    tl.store(OUT + b * sob + (h * G + j)[:, None] * soh + t[:, None] * sot + d[None, :], acc.to(OUT.dtype.element_ty),
              mask=row_ok[:, None])
 
 
