@@ -120,7 +120,7 @@ def _check_run_options(args: argparse.Namespace, methods: list) -> None:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    units, agg = run_ppl(args)
+    _, agg = run_ppl(args)
     print_ppl_summary(agg)
     print(f"\nresults: {args.output_dir}/", file=sys.stderr)
     return 0

@@ -28,23 +28,19 @@ DEFAULT_METHODS = ["dense", "streamingllm", "h2o", "cab", "snapkv"]
 CORRECTION = "Holm-Bonferroni over all tests of the experiment"
 
 
-def _window_log_ppl(units: list[dict], label: str) -> dict[tuple[int, int], float]:
-    return {(u["seed"], w["start"]): w["nll_sum"] / w["tokens"] for u in units if u["method"] == label
-            for w in u["windows"]}
-
-
 def significance_tests(units: list[dict], baseline: str, groups: dict[str, list[str]]) -> list[dict]:
     """Paired tests: every method against ``baseline``; within each budget group, every pair.
 
     ``groups`` maps a budget tag (``s0.5``, ``b256``) to the labels of the methods run at it.
     """
+    from kvlab.eval.aggregate import window_log_ppl
     from kvlab.eval.stats import holm, paired_test, stars
 
     pairs = [(m, baseline, tag) for tag, labels in groups.items() for m in labels]
     pairs += [(a, b, tag) for tag, labels in groups.items() for a, b in itertools.combinations(labels, 2)]
     tests = []
     for a, b, tag in pairs:
-        xa, xb = _window_log_ppl(units, a), _window_log_ppl(units, b)
+        xa, xb = window_log_ppl(units, a), window_log_ppl(units, b)
         keys = sorted(set(xa) & set(xb))
         t = paired_test([xa[k] for k in keys], [xb[k] for k in keys])
         tests.append({"method": a, "versus": b, "budget": tag, **t, "ppl_ratio": float(np.exp(t["mean_diff"]))})

@@ -7,8 +7,10 @@ import numpy as np
 from kvlab.eval.stats import holm, mean_std, paired_test, stars
 
 
-def _window_log_ppl(unit: dict) -> dict[tuple[int, int], float]:
-    return {(unit["seed"], w["start"]): w["nll_sum"] / w["tokens"] for w in unit["windows"]}
+def window_log_ppl(units: list[dict], method: str) -> dict[tuple[int, int], float]:
+    """Mean token NLL of every window of ``method``'s units, keyed by (seed, window start)."""
+    return {(u["seed"], w["start"]): w["nll_sum"] / w["tokens"] for u in units if u["method"] == method
+            for w in u["windows"]}
 
 
 def aggregate(units: list[dict], baseline: str = "fp16") -> dict:
@@ -37,15 +39,11 @@ def aggregate(units: list[dict], baseline: str = "fp16") -> dict:
         }
     comparisons = []
     if baseline in by_method:
-        base = {}
-        for u in by_method[baseline]:
-            base.update(_window_log_ppl(u))
-        for method, us in by_method.items():
+        base = window_log_ppl(units, baseline)
+        for method in by_method:
             if method == baseline:
                 continue
-            cur = {}
-            for u in us:
-                cur.update(_window_log_ppl(u))
+            cur = window_log_ppl(units, method)
             keys = sorted(set(cur) & set(base))
             test = paired_test([cur[k] for k in keys], [base[k] for k in keys])
             comparisons.append({"method": method, "baseline": baseline, **test,

@@ -419,9 +419,10 @@ def summarize(records: Iterable[dict], methods: list[str], events: list[dict] = 
         repeats = sorted({rep for per in by[m].values() for rep in per})
         accs = [float(np.mean([per[rep] for per in by[m].values() if rep in per])) for rep in repeats]
         mean, std = mean_std(accs) if accs else (float("nan"), float("nan"))
-        outcomes = [ok for per in by[m].values() for ok in per.values()]
+        every_answer = [ok for per in by[m].values() for ok in per.values()]
         rows.append({"method": m, "problems": len(by[m]), "repeats": len(repeats), "accuracy_mean": mean,
-                     "accuracy_std": std, "accuracy_per_repeat": accs, "n": len(outcomes), "correct": sum(outcomes),
+                     "accuracy_std": std, "accuracy_per_repeat": accs, "n": len(every_answer),
+                     "correct": sum(every_answer),
                      **({"outcomes": {pid: int(per[0]) for pid, per in by[m].items() if 0 in per}}
                         if repeats == [0] else {}),
                      "generated_tokens_mean": float(np.mean(tokens[m])) if tokens[m] else float("nan"),
