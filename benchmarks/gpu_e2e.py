@@ -53,7 +53,79 @@ def main() -> int:
                              max_new_tokens=32, do_sample=False, pad_token_id=0)
         print(f"{arch}: generate on the fused path -> {tuple(gen.shape)}, attention impl "
               f"{model.config._attn_implementation}, cache {cache.memory_bytes() / 1e6:.1f} MB")
+        failures += check_eviction_scorer(model, ids)
+        failures += check_generate(model, ids)
     return 1 if failures else 0
+
+
+def check_generate(model, ids, prompt=300, new=64) -> int:
+    """kvlab.generate's static path (CUDA graph) against itself without the graph (must be identical)
+    and against the dynamic fused cache, teacher-forced with its tokens: every chosen token must be
+    the reference's argmax or within bf16 noise of it (2% of the logits' max magnitude). Left padding."""
+    failures = 0
+    mask = torch.ones(ids.shape[0], prompt, dtype=torch.long, device=ids.device)
+    mask[0, :5] = 0
+    for spec in ("fp16", "kivi-2", "kitty-pro"):
+        graph = kvlab.generate(model, ids[:, :prompt], spec, max_new_tokens=new, attention_mask=mask)
+        plain = kvlab.generate(model, ids[:, :prompt], spec, max_new_tokens=new, attention_mask=mask,
+                               cuda_graph=False)
+        tokens = graph[:, prompt:]
+        with torch.inference_mode():
+            cache = kvlab.make_cache(spec, model)
+            pos = mask.long().cumsum(-1) - 1
+            pos = pos.masked_fill(mask == 0, 1)
+            model(ids[:, :prompt], attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+            running, worst = mask, 0.0
+            for s in range(new - 1):
+                running = torch.cat([running, running.new_ones(running.shape[0], 1)], 1)
+                logits = model(input_ids=tokens[:, s : s + 1], attention_mask=running, position_ids=pos[:, -1:] + s + 1,
+                               past_key_values=cache).logits[:, -1].float()
+                gap = (logits.max(1).values - logits.gather(1, tokens[:, s + 1 : s + 2]).squeeze(1))
+                worst = max(worst, (gap / logits.abs().max(1).values).max().item())
+        ok = torch.equal(graph, plain) and worst <= 2e-2
+        failures += not ok
+        print(f"kvlab.generate {spec:10s} graph == no graph: {torch.equal(graph, plain)}; teacher-forced through the "
+              f"dynamic cache, worst chosen-token logit gap {worst:.1e} of max  {'OK' if ok else 'FAIL'}", flush=True)
+    return failures
+
+
+def check_eviction_scorer(model, ids, prefill=300) -> int:
+    """Evicting caches with the Triton scored-attention kernel against the reference scorer.
+
+    Both decode the same tokens; scores from the two passes differ by bf16/fp32 rounding, so the
+    evictions may pick different tokens on near ties. Pass: before the first step whose kept sets
+    differ, logits agree (rel err < 2e-2); the last layer's kept positions overlap >= 95% on average.
+    """
+    from unittest import mock
+
+    from kvlab import eviction
+
+    failures = 0
+    for spec in ("h2o:sparsity=0.5", "cab:sparsity=0.5", "snapkv:sparsity=0.5"):
+        runs = []
+        for use_kernel in (True, False):
+            patch = (mock.patch.object(eviction, "_scorer", lambda q, k, m: eviction.scored_attention)
+                     if not use_kernel else mock.patch.object(eviction, "_scorer", eviction._scorer))
+            with patch, torch.inference_mode():
+                cache = kvlab.make_cache(spec, model)
+                logits = [model(ids[:, :prefill], past_key_values=cache, logits_to_keep=1).logits.float()]
+                kept = []
+                for t in range(prefill, ids.shape[1]):
+                    logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits.float())
+                    kept.append(cache.layers[-1].positions.sort(-1).values.clone())
+            runs.append((torch.cat(logits, 1), kept))
+        (lk, kk), (lr, kr) = runs
+        same = [a.shape == b.shape and bool((a == b).all()) for a, b in zip(kk, kr)]
+        first_diff = same.index(False) if False in same else len(same)
+        rel = ((lk - lr).norm(dim=-1) / lr.norm(dim=-1))[:, : first_diff + 1].max().item()
+        overlap = [(a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean().item() if a.shape == b.shape else 0.0
+                   for a, b in zip(kk, kr)]
+        agree = sum(overlap) / len(overlap)
+        ok = rel < 2e-2 and agree >= 0.95
+        failures += not ok
+        print(f"eviction {spec:10s} scorer kernel vs reference: logits rel err {rel:.2e} up to step {first_diff}, "
+              f"last layer's kept positions overlap {agree:.1%}  {'OK' if ok else 'FAIL'}", flush=True)
+    return failures
 
 
 if __name__ == "__main__":

@@ -62,14 +62,28 @@ class PackedStore:
             if self.tokens + tokens > self.capacity:
                 raise ValueError(f"the cache was preallocated for {self.capacity} tokens; "
                                  f"{self.tokens + tokens} do not fit (make_cache(..., max_length=...))")
+            self.allocate(fields, tokens)
             for name, t in fields.items():
-                if name not in self._buffers:
-                    rows = -(-self.capacity * t.shape[2] // tokens)
-                    self._buffers[name] = t.new_empty(*t.shape[:2], rows, *t.shape[3:])
                 start = self.fields[name].shape[2] if name in self.fields else 0
                 self._buffers[name][:, :, start : start + t.shape[2]] = t
                 self.fields[name] = self._buffers[name][:, :, : start + t.shape[2]]
         self.tokens += tokens
+
+    def allocate(self, like: Fields, tokens: int) -> None:
+        """Allocate the buffers (once) for fields shaped like ``like``, which encode ``tokens`` tokens."""
+        for name, t in like.items():
+            if name not in self._buffers:
+                rows = -(-self.capacity * t.shape[2] // tokens)
+                self._buffers[name] = t.new_empty(*t.shape[:2], rows, *t.shape[3:])
+
+    def resize(self, tokens: int) -> None:
+        """Make ``fields`` cover the first ``tokens`` tokens of the buffers (written by kernels in place)."""
+        self.fields = {name: t[:, :, : t.shape[2] * tokens // self.capacity] for name, t in self._buffers.items()}
+        self.tokens = tokens
+
+    def buffers(self) -> Fields:
+        """The preallocated buffers, whole (a static cache's kernels read lengths elsewhere)."""
+        return self._buffers
 
     def apply(self, fn) -> None:
         """Apply a batch-dimension op (reorder, repeat, select) to every field."""
@@ -396,7 +410,8 @@ def make_cache(method, model_or_config, *, fused: bool = True, max_length: int |
     ``method`` is a method spec string (``"kivi-2:group_size=32"``) or a Method instance;
     keyword parameters override the spec's (``make_cache("kivi", model, bits=2, group_size=64)``). Given a model on CUDA, the cache
     switches the model to the ``"kvlab"`` attention implementation and uses the fused Triton
-    kernels (``fused=False`` keeps the PyTorch reference path). ``max_length`` preallocates the
+    kernels (``fused=False`` keeps the PyTorch reference path); methods that run their own
+    attention (eviction scores, approximate arithmetic) switch it on any device. ``max_length`` preallocates the
     packed storage for that many tokens (no reallocation while decoding).
     """
     from kvlab.methods import build_method, parse_method
@@ -407,7 +422,10 @@ def make_cache(method, model_or_config, *, fused: bool = True, max_length: int |
         method = build_method(method.preset_name or method.name, **{**method.params(), **params})
     config = getattr(model_or_config, "config", model_or_config)
     cache = CompressedCache(method, config, max_length)
-    device = getattr(model_or_config, "device", None)
-    if device is not None and torch.device(device).type == "cuda" and fused:
+    if not hasattr(model_or_config, "set_attn_implementation"):
+        return cache
+    if getattr(method, "needs_kvlab_attention", False):
+        enable_kvlab_attention(model_or_config)
+    if torch.device(model_or_config.device).type == "cuda" and fused:
         cache.use_fused_attention(model_or_config)
     return cache

@@ -6,7 +6,7 @@ from torch import nn
 
 from kvlab import approx
 from kvlab.approx import E2M1, FORMATS, FP4Weight, multipliers, quantize_weight, select_formats
-from kvlab.approx.gemm import FP16_UNIT_ROUNDOFF, approx_matmul, group_sum_error_bound, group_sums
+from kvlab.approx.gemm import FP16_UNIT_ROUNDOFF, GemmPlan, approx_matmul, group_sum_error_bound
 
 torch.set_num_threads(1)
 
@@ -67,7 +67,7 @@ def test_group_sums_have_exact_products(variant):
     x = activations(6, 75, 1)
     w = mixed_weight(20, 75, 16, 2)
     mults = multipliers(variant)
-    for gi, s in group_sums(x, w, mults):
+    for gi, s in GemmPlan(w, mults).group_sums(x):
         k0 = gi * 16
         fmt = w.row_formats(gi).long()
         exact = torch.zeros(6, 20, dtype=torch.float64)

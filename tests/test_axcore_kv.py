@@ -116,7 +116,7 @@ def test_decode_cache_uses_the_approximate_products(kvlab_model):
     keys, values = layer.dequantized()
     assert keys.shape[2] == values.shape[2] == 12
     kvlab_model.set_attn_implementation("sdpa")  # same cache contents, exact attention
-    exact_products = run_tokens(kvlab_model, make_cache(SPEC, kvlab_model), ids, [8, 4])
+    exact_products = run_tokens(kvlab_model, make_cache(SPEC, kvlab_model.config), ids, [8, 4])
     assert not torch.equal(got, exact_products)
 
 

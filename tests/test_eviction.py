@@ -213,11 +213,15 @@ def test_parse_and_labels():
 
 
 def test_needs_kvlab_attention():
+    """make_cache switches the model to kvlab's attention; switching it away afterwards is a clear error."""
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=16, vocab_size=64)
     plain = AutoModelForCausalLM.from_config(config).eval()
+    plain.set_attn_implementation("sdpa")
     cache = make_cache("h2o:budget=4", plain)
+    assert plain.config._attn_implementation == "kvlab"
+    plain.set_attn_implementation("sdpa")
     with torch.no_grad(), pytest.raises(RuntimeError, match="kvlab.attention.enable"):
         for t in range(3):
             plain(torch.tensor([[t]]), past_key_values=cache, use_cache=True)

@@ -200,3 +200,126 @@ def test_scored_attention_kernel_matches_reference(B, H_kv, n_rep, q_len, N, D, 
     assert rel_err(out, ref_out) < tol
     assert rel_err(mass, ref_mass) < tol
     assert mass.dtype == torch.float32 and out.shape == (B, q_len, H_kv * n_rep, D)
+
+
+# -- static (CUDA-graph) decode path ---------------------------------------------------------
+
+STATIC_CASES = [  # B, H_kv, n_rep, D, bits, group, boosted, sinks, residual, prompt, steps, dtype, left pad
+    (2, 2, 4, 64, 2, 16, 0, 0, 16, 37, 40, torch.bfloat16, True),
+    (1, 2, 2, 64, 2, 32, 12, 4, 32, 70, 45, torch.bfloat16, False),
+    (2, 1, 4, 64, 4, 16, 0, 4, 32, 20, 35, torch.float16, False),
+]
+
+
+@here
+@pytest.mark.parametrize("B,H_kv,n_rep,D,bits,group,nb,sinks,residual,prompt,steps,dtype,pad", STATIC_CASES)
+def test_static_layer_matches_dynamic(B, H_kv, n_rep, D, bits, group, nb, sinks, residual, prompt, steps, dtype,
+                                      pad):
+    """A frozen layer fed the same tokens stores the same codes and attends like the dynamic fused layer."""
+    from kvlab.kernels.decode_attention import static_attend
+    from kvlab.static import StaticQuantizedLayer
+
+    codecs = KeyChannelCodec(bits, group, nb, 4), ValueTokenCodec(bits, D)
+    dyn, frozen = (QuantizedLayer(*codecs, residual, sinks) for _ in range(2))
+    for layer in (dyn, frozen):
+        layer.capacity, layer.fused = -(-(prompt + steps) // group) * group, True
+        layer.reset()
+    k, v = keys_like_a_model(B, H_kv, prompt, D, dtype), torch.randn(B, H_kv, prompt, D, device=DEVICE, dtype=dtype)
+    dyn.update(k, v)
+    frozen.update(k, v)
+    valid = mask = None
+    if pad:  # row 0 starts 5 tokens late
+        valid = torch.ones(B, prompt + steps, dtype=torch.bool, device=DEVICE)
+        valid[0, :5] = False
+    step = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    static = StaticQuantizedLayer(frozen, steps, step, valid)
+    for s in range(steps):
+        k, v = keys_like_a_model(B, H_kv, 1, D, dtype), torch.randn(B, H_kv, 1, D, device=DEVICE, dtype=dtype)
+        query = torch.randn(B, H_kv * n_rep, 1, D, device=DEVICE, dtype=dtype)
+        dyn.update(k, v)
+        static.update(k, v)
+        if valid is not None:
+            mask = valid[:, None, None, : prompt + s + 1]
+        ref = fused_attend(dyn, query, mask, D**-0.5)
+        out = static_attend(static, query, valid, D**-0.5, step, static.meta)
+        assert rel_err(out, ref) < 2e-3, s
+        step += 1
+    static.finish(steps)
+    assert static.get_seq_length() == dyn.get_seq_length()
+    for mine, ref in ((static.key_store, dyn.key_store), (static.value_store, dyn.value_store)):
+        assert mine.tokens == ref.tokens
+        for name, t in ref.fields.items():
+            assert torch.equal(mine.fields[name], t), name
+
+
+@here
+@pytest.mark.parametrize("n_rep,pad", [(1, False), (4, True)])
+def test_static_dense_matches_sdpa(n_rep, pad):
+    from kvlab.cache import FullPrecisionLayer
+    from kvlab.kernels.reference import keep_mask
+    from kvlab.static import StaticDenseLayer
+
+    B, H, D, prompt, steps = 2, 2, 64, 150, 5
+    layer = FullPrecisionLayer()
+    keys, values = (torch.randn(B, H, prompt, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    layer.update(keys, values)
+    valid = None
+    if pad:
+        valid = torch.ones(B, prompt + steps, dtype=torch.bool, device=DEVICE)
+        valid[1, :9] = False
+    step = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    static = StaticDenseLayer(layer, steps, step, valid, 0)
+    for s in range(steps):
+        k, v = (torch.randn(B, H, 1, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        static.update(k, v)
+        query = torch.randn(B, H * n_rep, 1, D, device=DEVICE, dtype=torch.bfloat16)
+        out = static.attend(None, query, k, v, None, scaling=D**-0.5)
+        mask = keep_mask(None if valid is None else valid[:, None, None, : keys.shape[2]], 1, keys.shape[2], DEVICE)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            query.float(), keys.float().repeat_interleave(n_rep, 1), values.float().repeat_interleave(n_rep, 1),
+            attn_mask=mask, scale=D**-0.5).transpose(1, 2)
+        assert rel_err(out, ref) < 1e-2
+        step += 1
+
+
+@here
+@pytest.mark.parametrize("spec", ["fp16", "kivi-2:group_size=16,residual=16"])
+def test_static_decoder_follows_the_dynamic_cache(spec):
+    """StaticDecoder's greedy tokens, fed through the dynamic fused cache, are its argmax at every step
+    (or within bf16 noise of it): the static path computes what the reference path computes."""
+    import kvlab
+    from kvlab.generate import StaticDecoder, prompt_positions
+    from kvlab.models import load_model
+
+    model, _ = load_model("random:tiny-llama", device=DEVICE, dtype=torch.bfloat16)
+    B, P, steps = 2, 40, 24
+    ids = torch.randint(0, model.config.vocab_size, (B, P), device=DEVICE)
+    mask = torch.ones(B, P, dtype=torch.long, device=DEVICE)
+    mask[1, :6] = 0
+    pos = prompt_positions(mask, B, P, DEVICE)
+
+    def prefill():
+        cache = kvlab.make_cache(spec, model, max_length=128)
+        if spec != "fp16":
+            cache.use_fused_attention(model)  # what make_cache does on a CUDA model
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       logits_to_keep=1).logits
+        return cache, logits[:, -1:].argmax(-1)
+
+    with torch.inference_mode():
+        cache, first = prefill()
+        decoder = StaticDecoder(model, cache, first, pos[:, -1:], steps, mask, cuda_graph=False)
+        for _ in range(steps):
+            decoder.step()
+        tokens = decoder.finish()
+        assert tokens.shape == (B, steps + 1) and cache.get_seq_length() == P + steps
+        ref_cache, ref_first = prefill()
+        assert torch.equal(ref_first, first)
+        running = mask
+        for s in range(steps):
+            running = torch.cat([running, running.new_ones(B, 1)], 1)
+            logits = model(input_ids=tokens[:, s : s + 1], attention_mask=running, position_ids=pos[:, -1:] + s + 1,
+                           past_key_values=ref_cache).logits[:, -1].float()
+            chosen = logits.gather(1, tokens[:, s + 1 :s + 2]).squeeze(1)
+            assert ((logits.max(1).values - chosen) <= 2e-2 * logits.abs().max(1).values).all(), s

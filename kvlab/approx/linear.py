@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .formats import E2M1, FP4Weight, quantize_weight
-from .gemm import approx_matmul
+from .gemm import GemmPlan
 from .mul import multipliers
 from .select import select_formats
 from .tender import ATTENTION as TENDER_ATTENTION
@@ -30,14 +30,14 @@ class ApproxLinear(nn.Module):
         self.register_buffer("scales", weight.scales)
         self.register_buffer("tile_formats", weight.tile_formats)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float16))
-        self._mults = multipliers(variant)
+        self._plan = GemmPlan(weight, multipliers(variant))  # built once: the buffers are not meant to change
 
     @property
     def weight_fp4(self) -> FP4Weight:
         return FP4Weight(self.codes, self.scales, self.tile_formats, self.group_size, self.tile_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = approx_matmul(x, self.weight_fp4, self._mults, self.approx_dequant)
+        y = self._plan.matmul(x, self.approx_dequant)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
@@ -89,7 +89,7 @@ def apply(
     targets = {
         name: mod
         for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and not name.split(".")[-1] == "lm_head"
+        if isinstance(mod, nn.Linear) and name.split(".")[-1] != "lm_head"
     }
     acts: Mapping[str, torch.Tensor] = {}
     if variant == "axcore":

@@ -92,17 +92,22 @@ class Multiplier:
         # the sum stays below the inf pattern there, so int16 wrap-around keeps the sign bit
         return (a.view(torch.int16) + self.offsets()[j]).view(torch.float16)
 
-    def regular(self, a: torch.Tensor) -> torch.Tensor:
-        """True where every nonzero code's product with fp16 ``a`` is a normal finite number
-        (or ``a`` is zero): there ``classes()``' power-of-two identity holds exactly."""
-        mag = a.contiguous().view(torch.int16).to(torch.int32) & 0x7FFF
+    def regular_range(self) -> tuple[int, int]:
+        """``(lo, hi)``: every nonzero code's product with fp16 ``a`` is a normal finite number
+        iff ``lo <= |a|bits < hi``; there ``classes()``' power-of-two identity holds exactly."""
         if self.exact:
-            absa = a.float().abs()
+            absa = torch.arange(INF_BITS, dtype=torch.int16).view(torch.float16).float()
             ok = (absa * min(self.fmt.magnitudes[1:]) >= 2.0**-14) & (absa * self.fmt.max_value < 65504)
-        else:
-            d = self.offsets()[1:]
-            ok = (mag + min(d) >= EXP_ONE) & (mag + max(d) < INF_BITS)
-        return (ok & (mag < INF_BITS)) | (mag == 0)
+            idx = ok.nonzero().flatten()  # the conditions are monotone in |a|: one interval
+            return int(idx[0]), int(idx[-1]) + 1
+        d = self.offsets()[1:]
+        return EXP_ONE - min(d), INF_BITS - max(d)
+
+    def regular(self, a: torch.Tensor) -> torch.Tensor:
+        """True where ``a`` is in ``regular_range()`` or zero."""
+        lo, hi = self.regular_range()
+        mag = a.contiguous().view(torch.int16) & 0x7FFF
+        return ((mag >= lo) & (mag < hi)) | (mag == 0)
 
     def classes(self) -> list[tuple[int, dict[int, int]]]:
         """Group the nonzero indices whose products differ only by a power of two.

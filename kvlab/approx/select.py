@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .formats import FORMATS, FP4Weight, quantize_weight
-from .gemm import scaled_group_outputs
+from .gemm import GemmPlan
 from .mul import Multiplier, multipliers
 
 
@@ -38,11 +38,10 @@ def select_formats(
     tile_of_row = torch.arange(n, device=w.device) // tile_rows
     counts = torch.bincount(tile_of_row, minlength=n_tiles).float() * x.shape[0]
     for fid, cand in enumerate(candidates):
-        parts = scaled_group_outputs(x, cand, mults, approx_dequant)  # [G, T, N]
-        for gi in range(n_groups):
+        for gi, part in GemmPlan(cand, mults).scaled_groups(x, approx_dequant):
             k0 = gi * group_size
             ref = x[:, k0 : k0 + group_size].float() @ w16[:, k0 : k0 + group_size].T
-            err = ((parts[gi].float() - ref) ** 2).sum(0)  # per output row
+            err = ((part.float() - ref) ** 2).sum(0)  # per output row
             mse[fid, :, gi] = torch.zeros(n_tiles).index_add_(0, tile_of_row, err) / counts
     best = mse.argmin(0).to(torch.uint8)
     return _assemble(candidates, best, group_size, tile_rows), mse

@@ -1,8 +1,11 @@
 """Decode latency and throughput of KV caches (``kvlab bench latency``).
 
 One run is one cache at one (batch, context): a seeded random prompt of ``context`` token ids,
-prefilled by one forward call, then a plain greedy decode loop of ``gen_len`` steps through the
-cache. Each step (forward + argmax) is timed on its own, synchronized on CUDA; the first
+prefilled by one forward call (or chunks of ``prefill_chunk`` tokens, so that prefill activations
+do not decide what fits), then ``gen_len`` greedy decode steps through the cache. kvlab
+caches decode as ``kvlab.generate`` does: on CUDA, through the static path (the step replayed as
+a CUDA graph, :mod:`kvlab.generate`) where the method has one, else (and on CPU) the plain loop;
+the row's ``decode_path`` says which. Each step (forward + argmax) is timed on its own, synchronized on CUDA; the first
 ``warmup`` steps are dropped. ``ms_per_token`` is the median of the rest and ``tokens_per_s`` =
 ``batch * 1000 / ms_per_token`` (tokens of all sequences).
 
@@ -26,6 +29,9 @@ from typing import Any
 
 import torch
 
+from kvlab.generate import StaticDecoder
+from kvlab.static import static_reason
+
 HF_BASELINES = ("hf-dynamic", "hf-static-compiled", "hf-quanto-2", "hf-quanto-4")
 PROBE_STEPS = 2  # decode steps per --find-max-batch probe (after the prefill)
 MAX_PROBE_BATCH = 8192  # --find-max-batch stops doubling here
@@ -42,13 +48,15 @@ class Case:
     compiled: bool = False
     skipped: str | None = None
     baseline: bool = False
+    static: bool = False
 
 
 def method_case(method) -> Case:
     """A kvlab method's cache, preallocated for the whole run (fused Triton kernels on CUDA)."""
     from kvlab.cache import make_cache
+    from kvlab.generate import capacity
 
-    return Case(method.label, lambda model, n: make_cache(method, model, max_length=n))
+    return Case(method.label, lambda model, n: make_cache(method, model, max_length=capacity(method, n)), static=True)
 
 
 def hf_cases(device: torch.device) -> list[Case]:
@@ -110,7 +118,8 @@ def cache_size(cache, config, batch: int, tokens: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: int, seed: int = 0) -> dict:
+def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: int, seed: int = 0,
+            prefill_chunk: int | None = None) -> dict:
     """Prefill + ``gen_len`` timed greedy decode steps of ``case``'s cache; one result row."""
     device = model.device
     config = model.config.get_text_config(decoder=True)
@@ -126,23 +135,38 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
 
     _sync(device)
     t0 = time.perf_counter()
-    next_ids = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    chunk = prefill_chunk or context
+    for start in range(0, context, chunk):
+        logits = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
+    next_ids = logits[:, -1:].argmax(-1)
     _sync(device)
     prefill_ms = 1000 * (time.perf_counter() - t0)
 
     times = []
+    decoder = None
+    if case.static and device.type == "cuda" and static_reason(cache) is None:
+        last = torch.full((batch, 1), context - 1, device=device)
+        decoder = StaticDecoder(model, cache, next_ids, last, gen_len)
     for _ in range(gen_len):
         t0 = time.perf_counter()
-        if case.compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        next_ids = step(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if decoder is not None:
+            decoder.step()
+        else:
+            if case.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            next_ids = step(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         _sync(device)
         times.append(1000 * (time.perf_counter() - t0))
+    if decoder is not None:
+        decoder.finish()
 
     timed = times[warmup:]
     ms = statistics.median(timed)
     return {
         "method": case.label, "batch": batch, "context": context, "gen_len": gen_len, "warmup": warmup,
+        "decode_path": "cuda-graph" if decoder is not None and decoder.use_graph else
+                       "static" if decoder is not None else "compiled" if case.compiled else "eager",
         "prefill_ms": prefill_ms, "ms_per_token": ms,
         "ms_per_token_std": statistics.stdev(timed) if len(timed) > 1 else 0.0,
         "tokens_per_s": batch * 1000 / ms,
@@ -151,14 +175,15 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
     }
 
 
-def run_case(model, case: Case, batch: int, context: int, gen_len: int, warmup: int, seed: int = 0) -> dict:
+def run_case(model, case: Case, batch: int, context: int, gen_len: int, warmup: int, seed: int = 0,
+             prefill_chunk: int | None = None) -> dict:
     """``measure``, with out-of-memory (and a baseline's failure) recorded as a row; memory freed after."""
     key = {"method": case.label, "batch": batch, "context": context}
     if case.skipped:
         return {**key, "skipped": case.skipped}
     attn = model.config._attn_implementation  # kvlab caches switch it on CUDA; each run starts from the same
     try:
-        row = measure(model, case, batch, context, gen_len, warmup, seed)
+        row = measure(model, case, batch, context, gen_len, warmup, seed, prefill_chunk)
     except Exception as e:
         if is_oom(e):
             row = {**key, "oom": True, "error": _first_line(e)}
@@ -176,7 +201,8 @@ def run_case(model, case: Case, batch: int, context: int, gen_len: int, warmup: 
 
 
 def run_grid(model, cases: list[Case], batch_sizes: list[int], contexts: list[int], gen_len: int, warmup: int,
-             seed: int = 0, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+             seed: int = 0, on_row: Callable[[dict], None] | None = None,
+             prefill_chunk: int | None = None) -> list[dict]:
     """One row per (case, context, batch), batches ascending; once a batch runs out of memory, the
     larger ones at that context are recorded as out of memory without running. Each case first
     gets one whole untimed run at the smallest shape, so one-time costs (Triton compilation, lazy
@@ -185,12 +211,12 @@ def run_grid(model, cases: list[Case], batch_sizes: list[int], contexts: list[in
     rows = []
     for case in cases:
         if not case.skipped and not case.compiled:  # a compiled case compiles anew in each run anyway
-            run_case(model, case, min(batch_sizes), min(contexts), gen_len, warmup, seed)
+            run_case(model, case, min(batch_sizes), min(contexts), gen_len, warmup, seed, prefill_chunk)
         for context in contexts:
             oom_at = None
             for batch in sorted(batch_sizes):
                 if oom_at is None:
-                    row = run_case(model, case, batch, context, gen_len, warmup, seed)
+                    row = run_case(model, case, batch, context, gen_len, warmup, seed, prefill_chunk)
                     oom_at = batch if row.get("oom") else None
                 else:
                     row = {"method": case.label, "batch": batch, "context": context, "oom": True,
@@ -237,7 +263,7 @@ class _ProbeFailed(Exception):
 
 
 def max_batch_rows(model, cases: list[Case], contexts: list[int], seed: int = 0,
-                   on_probe: Callable[[str], None] | None = None) -> list[dict]:
+                   on_probe: Callable[[str], None] | None = None, prefill_chunk: int | None = None) -> list[dict]:
     """For each case and context, the largest batch whose prefill + PROBE_STEPS decode steps fit in memory."""
     rows = []
     for case in cases:
@@ -250,7 +276,7 @@ def max_batch_rows(model, cases: list[Case], contexts: list[int], seed: int = 0,
             def fits(b: int, case=case, context=context) -> bool:
                 if on_probe:
                     on_probe(f"{case.label} ctx={context} batch={b}")
-                row = run_case(model, case, b, context, PROBE_STEPS, 0, seed)
+                row = run_case(model, case, b, context, PROBE_STEPS, 0, seed, prefill_chunk)
                 if row.get("skipped"):  # a baseline failed for another reason than memory
                     raise _ProbeFailed(row["skipped"])
                 return not row.get("oom")

@@ -44,6 +44,8 @@ def _validate(args: argparse.Namespace):
             raise UsageError(f"{name} {' '.join(map(str, values))}: each must be at least 1")
     if args.gen_len < 1:
         raise UsageError(f"--gen-len {args.gen_len} must be at least 1")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UsageError(f"--prefill-chunk {args.prefill_chunk} must be at least 1")
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup} must be >= 0")
     if args.gen_len <= args.warmup:
@@ -104,6 +106,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         "torch": torch.__version__, "transformers": transformers.__version__,
         "config": {"methods": [c.label for c in cases], "batch_sizes": batches, "context_lengths": contexts,
                    "gen_len": args.gen_len, "warmup": args.warmup, "seed": args.seed,
+                   "prefill_chunk": args.prefill_chunk,
                    "timing": "median over decode steps after warmup, each step synchronized (forward + argmax)"},
         "rows": [],
     }
@@ -115,7 +118,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
             bar.update()
             bar.set_postfix_str(f"{row['method']} b={row['batch']} ctx={row['context']}")
 
-        lat.run_grid(model, cases, batches, contexts, args.gen_len, args.warmup, args.seed, on_row=on_row)
+        lat.run_grid(model, cases, batches, contexts, args.gen_len, args.warmup, args.seed, on_row=on_row,
+                     prefill_chunk=args.prefill_chunk)
 
     if args.find_max_batch:
         with tqdm(desc="max batch", unit="probe", disable=args.quiet) as bar:
@@ -123,13 +127,14 @@ def cmd_latency(args: argparse.Namespace) -> int:
                 bar.update()
                 bar.set_postfix_str(what)
 
-            result["max_batch"] = lat.max_batch_rows(model, cases, contexts, args.seed, on_probe=on_probe)
+            result["max_batch"] = lat.max_batch_rows(model, cases, contexts, args.seed, on_probe=on_probe,
+                                                     prefill_chunk=args.prefill_chunk)
         write_json(out / "latency.json", result)
 
     rows = result["rows"]
     print(format_table([{**r, "note": _note(r)} for r in rows], [
-        ("method", "method", str), ("batch", "batch", str), ("context", "context", str),
-        ("prefill_ms", "prefill ms", fmt(".1f")), ("ms_per_token", "ms/token", fmt(".2f")),
+        ("method", "method", str), ("decode_path", "decode", str), ("batch", "batch", str),
+        ("context", "context", str), ("prefill_ms", "prefill ms", fmt(".1f")), ("ms_per_token", "ms/token", fmt(".2f")),
         ("ms_per_token_std", "std", fmt(".2f")), ("tokens_per_s", "tokens/s", fmt(".1f")),
         ("peak_memory_mb", "peak MB", fmt(".0f")), ("cache_bytes", "cache MB", _mb),
         ("bits_per_value_all_in", "bits all-in", fmt(".2f")), ("note", "", str),
@@ -162,6 +167,9 @@ def register(subparsers) -> None:
     q.add_argument("--context-lengths", type=int, nargs="+", default=[4096, 32768], help="prompt tokens")
     q.add_argument("--gen-len", type=int, default=128, help="decode steps per run")
     q.add_argument("--warmup", type=int, default=8, help="first decode steps not timed")
+    q.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prefill in chunks of this many tokens (default: one forward), so that prefill "
+                        "activations do not limit the batch")
     q.add_argument("--hf-baselines", action="store_true",
                    help="also time transformers' caches: hf-dynamic, hf-static-compiled, hf-quanto-2, hf-quanto-4")
     q.add_argument("--find-max-batch", action="store_true",

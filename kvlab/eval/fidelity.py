@@ -20,7 +20,6 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from kvlab import attention
 from kvlab.cache import make_cache
 
 StopCheck = Callable[[list[int]], bool]
@@ -39,8 +38,6 @@ def decode(model, method, prompt_ids: torch.Tensor, max_new_tokens: int, forced:
     until ``max_new_tokens`` or ``stop(tokens)``. Returns the tokens and the log-probabilities of
     each position, ``[len(tokens), vocab]``, row ``i`` predicting token ``i``.
     """
-    if getattr(method, "needs_kvlab_attention", False):
-        attention.enable(model)
     cache = make_cache(method, model)
     out = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     steps = len(forced) if forced is not None else max_new_tokens

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from scipy import stats as scipy_stats
 
-from kvlab import attention
 from kvlab.cache import make_cache
 from kvlab.eval.stats import holm, mean_std, paired_test, stars
 from kvlab.results import config_hash
@@ -165,8 +164,6 @@ def generate_batch(model, tokenizer, prompts: list[str], method, max_new_tokens:
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, **encode_kwargs(tokenizer, prompts))
     enc = enc.to(_model_device(model))
-    if getattr(method, "needs_kvlab_attention", False):
-        attention.enable(model)
     eos = _eos_ids(model, tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sampling.do_sample, eos_token_id=eos, pad_token_id=_pad_id(tokenizer),

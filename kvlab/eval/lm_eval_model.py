@@ -23,7 +23,6 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
-from kvlab import attention
 from kvlab.cache import make_cache
 from kvlab.eval.fidelity import decode
 from kvlab.eval.generation import model_path
@@ -38,8 +37,6 @@ class KVLabLM(HFLM):
         if pretrained == DEFAULT_MODEL:
             pretrained = model_path(pretrained)
         super().__init__(pretrained=pretrained, **kwargs)
-        if getattr(self.kv_method, "needs_kvlab_attention", False):
-            attention.enable(self.model)
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         generation_kwargs["past_key_values"] = make_cache(self.kv_method, self.model)

@@ -19,7 +19,6 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from kvlab import attention
 from kvlab.cache import make_cache
 from kvlab.eviction import kept_tokens
 
@@ -123,8 +122,6 @@ def run_unit(model, token_ids: torch.Tensor, cfg: PplConfig, method, seed: int, 
     else:
         starts, score = draw_windows(token_ids.numel(), cfg.context_length, cfg.num_samples, seed), window_nll
     device = next(model.parameters()).device
-    if getattr(method, "needs_kvlab_attention", False):
-        attention.enable(model)  # eviction scores come from the attention pass
     windows = []
     for start in starts:
         if done and start in done:

@@ -93,8 +93,11 @@ _CONS_U4 = tl.constexpr("=r," * 4 + "r")
 
 @triton.jit
 def safe_dot(a, b):
+    """tl.dot that is exact for fp32 operands (no TF32 on the GPU) and correct in the interpreter."""
     if _INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
 
@@ -275,8 +278,13 @@ _INT_ARGS = [
     "sq_b", "sq_h", "sq_t",
     "skb", "skh", "skt", "svb", "svh", "svt", "ktb", "kth", "ktt", "vtb", "vth", "vtt",
     "lo_b", "lo_h", "ks_b", "ks_h", "hi_b", "hi_h", "ix_b", "ix_h", "vc_b", "vc_h", "vs_b", "vs_h",
-    "sm_b", "sm_q", "S", "Tk", "Tv", "Rk", "n_lean", "n_split", "TPS",
+    "sm_b", "sm_q", "S", "Tk", "Tv", "Rk", "n_lean", "n_split", "TPS", "KR", "VR",
 ]
+
+# Columns of a static cache's per-step schedule (kvlab.static): sinks, quantized keys, quantized
+# values, key tail length (new token included), and whether this step flushes a key block / a value token.
+META_S, META_TK, META_TV, META_RK, META_KF, META_VF = range(6)
+META_COLS = 8
 
 
 @triton.jit(do_not_specialize=_INT_ARGS)
@@ -289,11 +297,23 @@ def _decode_kernel(
     mask_ptr, sm_b, sm_q,
     pm_ptr, pl_ptr, pacc_ptr,
     S, Tk, Tv, Rk, n_lean, n_split, TPS, qk_scale,
+    step_ptr, meta_ptr, KR, VR,
     HKV: tl.constexpr, N_REP: tl.constexpr, QLEN: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
     BN: tl.constexpr, BNG: tl.constexpr, G: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr,
     NB_PAD: tl.constexpr, HBITS: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr, AP: tl.constexpr,
-    LEAN: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr,
+    LEAN: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr, META: tl.constexpr,
 ):
+    """META: lengths come from row ``*step_ptr`` of the schedule ``meta_ptr`` and the tails are rings
+    (token ``t`` of the key tail in row ``t % KR``, of the value tail in ``t % VR``): a static cache
+    whose launches a CUDA graph replays. Otherwise the tails start at rows 0 and lengths are arguments."""
+    if META:
+        meta_row = meta_ptr + tl.load(step_ptr) * 8
+        S = tl.load(meta_row + 0)
+        Tk = tl.load(meta_row + 1)
+        Tv = tl.load(meta_row + 2)
+        Rk = tl.load(meta_row + 3)
+        if LEAN:
+            n_lean = tl.minimum(Tk, Tv) // BN
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)  # batch offsets of a long context overflow int32
@@ -419,20 +439,28 @@ def _decode_kernel(
         keep = row_ok[:, None] & (pos[None, :] <= causal_end)
         if HAS_MASK:
             keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+        vrow = t - Tv
+        if META:
+            vrow = t % VR
         m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
             s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < Tv, vc_ptr, vs_ptr, vz_ptr,
-            vt_ptr, t - Tv, t >= Tv, vtt, AP, D, VBITS, GV)
+            vt_ptr, vrow, t >= Tv, vtt, AP, D, VBITS, GV)
     for g in range(0, tl.cdiv(Rk, BNG) * is_gen):
         t = Tk + g * BNG + offs  # keys and values both from the tails here (Tk >= Tv)
         pos = S + t
         ok = pos < L
-        s = _fp_key_logits(q, kt_ptr, t - Tk, ok, ktt, D, DTYPE, qk_scale)
+        krow = t - Tk
+        vrow = t - Tv
+        if META:
+            krow = t % KR
+            vrow = t % VR
+        s = _fp_key_logits(q, kt_ptr, krow, ok, ktt, D, DTYPE, qk_scale)
         keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
         if HAS_MASK:
             keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
         m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
             s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < 0, vc_ptr, vs_ptr, vz_ptr,
-            vt_ptr, t - Tv, ok, vtt, AP, D, VBITS, GV)
+            vt_ptr, vrow, ok, vtt, AP, D, VBITS, GV)
 
     # Partials of the real rows only: [B * HKV, n_parts, NR] m, l and [.., NR, D] acc.
     part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
@@ -512,17 +540,20 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _contig(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """A packed field as the kernel reads it: rows of contiguous bytes per (batch, head); a view of
+    a preallocated buffer ([:, :, :n]) already is one (no copy), other layouts are made contiguous."""
+    ok = t.stride(-1) == 1 and (t.dim() < 4 or t.stride(2) == t.shape[3])
+    return t if ok else t.contiguous()
 
 
-def _fp_view(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
-    """An fp16 part of the layer (or an empty stand-in), with its length and strides."""
+def _fp_view(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """An fp16 part of the layer (or an empty stand-in) and its strides."""
     if t is None or t.shape[2] == 0:
-        return like, 0, 0, 0, 0
+        return like, 0, 0, 0
     if t.stride(3) != 1:
         t = t.contiguous()
-    return t, t.shape[2], t.stride(0), t.stride(1), t.stride(2)
+    return t, t.stride(0), t.stride(1), t.stride(2)
 
 
 def lean_config(kc, vc, D: int) -> tuple[bool, int]:
@@ -579,57 +610,80 @@ def fused_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None
     non-boolean masks).
     """
     B, HQ, QLEN, D = query.shape
-    fields_k, fields_v = layer.key_store.fields, layer.value_store.fields
-    some = next(t for t in (layer.sink_keys, layer.key_tail, fields_k.get("scale"), fields_v.get("scale"))
-                if t is not None)
-    HKV = some.shape[1]
-    n_rep = HQ // HKV
     reason = unsupported_reason(layer, query, attention_mask)
-    if reason is None and n_rep * QLEN > 64:
+    HKV = next(t for t in (layer.sink_keys, layer.key_tail, layer.key_store.fields.get("scale"),
+                           layer.value_store.fields.get("scale")) if t is not None).shape[1]
+    if reason is None and HQ // HKV * QLEN > 64:
         reason = "too many query rows"
+    S = 0 if layer.sink_keys is None else layer.sink_keys.shape[2]
+    Tk, Tv = layer.key_store.tokens, layer.value_store.tokens
+    L = S + Tk + (0 if layer.key_tail is None else layer.key_tail.shape[2])
+    if reason is None and attention_mask is not None and attention_mask.shape[-1] < L:
+        reason = "mask shorter than the cache"
     if reason is not None:
         return reference_attend(layer, query, attention_mask, scaling)
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[..., -QLEN:, :L].expand(B, 1, QLEN, L)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+    return _launch(layer, query, scaling, HKV, (S, Tk, Tv, L - S - Tk),
+                   (layer.sink_keys, layer.sink_values, layer.key_tail, layer.value_tail),
+                   layer.key_store.fields if Tk else None, layer.value_store.fields if Tv else None, mask)
 
+
+def static_attend(layer, query: torch.Tensor, valid: torch.Tensor | None, scaling: float | None,
+                  step: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Decode attention over a static layer (:mod:`kvlab.static`): every length is read on the
+    device from ``meta[step]``, the tails are rings and the packed fields full preallocated
+    buffers, so a CUDA graph can replay the launch at every step. ``valid [B, capacity]`` bool
+    marks the positions that may be attended (left padding is False)."""
+    keys, values = layer.key_store, layer.value_store
+    HKV = layer.key_ring.shape[1]
+    mask = None if valid is None else valid[:, None, None, :]
+    return _launch(layer, query, scaling, HKV, None,
+                   (layer.sink_keys, layer.sink_values, layer.key_ring, layer.value_ring),
+                   keys.buffers(), values.buffers(), mask,
+                   static=(step, meta, layer.key_ring.shape[2], layer.value_ring.shape[2], keys.capacity))
+
+
+def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths: tuple[int, int, int, int] | None,
+            fp_parts: tuple, fields_k, fields_v, mask: torch.Tensor | None, static: tuple | None = None) -> torch.Tensor:
+    B, HQ, QLEN, D = query.shape
     kc, vc = layer.key_codec, layer.value_codec
+    n_rep = HQ // HKV
     dtype, dev = query.dtype, query.device
-    sk, S, skb, skh, skt = _fp_view(layer.sink_keys, query)
-    sv, _, svb, svh, svt = _fp_view(layer.sink_values, query)
-    kt, Rk, ktb, kth, ktt = _fp_view(layer.key_tail, query)
-    vt, _, vtb, vth, vtt = _fp_view(layer.value_tail, query)
-    Tk, Tv = layer.key_store.tokens, layer.value_store.tokens
+    sk, skb, skh, skt = _fp_view(fp_parts[0], query)
+    sv, svb, svh, svt = _fp_view(fp_parts[1], query)
+    kt, ktb, kth, ktt = _fp_view(fp_parts[2], query)
+    vt, vtb, vth, vtt = _fp_view(fp_parts[3], query)
     d8, d16 = _dummy(torch.uint8, dev), _dummy(torch.float16, dev)
-    lo = _contig(fields_k["lo"]) if Tk else d8
-    ks = _contig(fields_k["scale"]) if Tk else d16
-    kz = _contig(fields_k["zero"]) if Tk else d16
-    NB = kc.boost_channels if Tk else 0
-    hi = _contig(fields_k["hi"]) if NB else d8
-    idx = _contig(fields_k["idx"]) if NB else _dummy(torch.int16, dev)
-    vcodes = _contig(fields_v["codes"]) if Tv else d8
-    vs = _contig(fields_v["scale"]) if Tv else d16
-    vz = _contig(fields_v["zero"]) if Tv else d16
+    NB = kc.boost_channels if fields_k else 0
+    lo, ks, kz = (_rows_view(fields_k[n]) for n in ("lo", "scale", "zero")) if fields_k else (d8, d16, d16)
+    hi, idx = (_rows_view(fields_k["hi"]), _rows_view(fields_k["idx"])) if NB else (d8, _dummy(torch.int16, dev))
+    vcodes, vs, vz = (_rows_view(fields_v[n]) for n in ("codes", "scale", "zero")) if fields_v else (d8, d16, d16)
 
     def bh(t: torch.Tensor) -> tuple[int, int]:
         return (t.stride(0), t.stride(1)) if t.dim() == 4 else (0, 0)
 
-    L = S + Tk + Rk
-    if attention_mask is not None:
-        mask = attention_mask[..., -QLEN:, :L]
-        if mask.shape[-1] < L:
-            return reference_attend(layer, query, attention_mask, scaling)
-        mask = mask.expand(B, 1, QLEN, L)
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
+    if mask is not None:
         mask_u8, sm_b, sm_q = mask.view(torch.uint8), mask.stride(0), mask.stride(2)
     else:
         mask_u8, sm_b, sm_q = d8, 0, 0
 
     lean, BN = lean_config(kc, vc, D)
-    BNG = _tile_tokens(kc.group_size)
-    n_lean = min(Tk, Tv) // BN if lean else 0
-    tps, n_split = plan_splits(n_lean, B * HKV, _num_sms(dev))
+    if static is None:
+        S, Tk, Tv, Rk = lengths
+        n_lean = min(Tk, Tv) // BN if lean else 0
+        step, meta, KR, VR = d8, d8, 0, 0
+        planned = n_lean
+    else:
+        S = Tk = Tv = Rk = n_lean = 0
+        step, meta, KR, VR, capacity = static
+        planned = capacity // BN if lean else 0
+    tps, n_split = plan_splits(planned, B * HKV, _num_sms(dev))
     n_parts = n_split + 1  # + the generic program (sinks, boundary zone, tails)
     NR = n_rep * QLEN
-    M_PAD = max(16, _pow2(NR))
     AP = 8 // vc.bits if lean else 1
     pm = torch.empty(B * HKV * n_parts * NR, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
@@ -645,13 +699,20 @@ def fused_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None
         mask_u8, sm_b, sm_q,
         pm, pl, pacc,
         S, Tk, Tv, Rk, n_lean, n_split, tps, scale,
-        HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=M_PAD, D=D, BN=BN, BNG=BNG, G=kc.group_size, KBITS=kc.bits,
-        NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits), VBITS=vc.bits,
-        GV=vc.group_size, AP=AP, LEAN=lean, HAS_MASK=attention_mask is not None, DTYPE=_TL_DTYPE[dtype],
-        num_warps=4, num_stages=3, **_reg_cap(NB),
+        step, meta, KR, VR,
+        HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(16, _pow2(NR)), D=D, BN=BN, BNG=_tile_tokens(kc.group_size),
+        G=kc.group_size, KBITS=kc.bits, NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
+        VBITS=vc.bits, GV=vc.group_size, AP=AP, LEAN=lean, HAS_MASK=mask is not None, DTYPE=_TL_DTYPE[dtype],
+        META=static is not None, num_warps=4, num_stages=3, **_reg_cap(NB),
     )
-    out = torch.empty(B, QLEN, HQ, D, dtype=dtype, device=dev)
-    _combine_kernel[(B * HKV, NR)](
+    return combine(pm, pl, pacc, B, HKV, n_rep, QLEN, D, n_parts, dtype)
+
+
+def combine(pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor, B: int, HKV: int, n_rep: int, QLEN: int,
+            D: int, n_parts: int, dtype: torch.dtype) -> torch.Tensor:
+    """Merges per-program softmax partials (max, sum, unnormalised output) -> ``[B, q_len, Hq, D]``."""
+    out = torch.empty(B, QLEN, HKV * n_rep, D, dtype=dtype, device=pm.device)
+    _combine_kernel[(B * HKV, n_rep * QLEN)](
         pm, pl, pacc, out, n_parts, out.stride(0), out.stride(1), out.stride(2),
         HKV=HKV, N_REP=n_rep, QLEN=QLEN, D=D, PART_PAD=_pow2(n_parts), CHUNK=min(32, _pow2(n_parts)),
         num_warps=4,

@@ -65,6 +65,65 @@ def _pack_cols(codes, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr
     return tl.sum(c << shifts[None, None, :], axis=2).to(tl.uint8)
 
 
+@triton.jit
+def _key_block(x, d, BITS: tl.constexpr, NB: tl.constexpr, HBITS: tl.constexpr, DC: tl.constexpr):
+    """Codes, fp16 scale/zero per channel, and the boosted-channel flags of one key block ``x [G, DC]``."""
+    levels = tl.full((DC,), (1 << BITS) - 1, tl.float32)
+    boosted = levels < 0
+    if NB > 0:
+        a = tl.sum(tl.abs(x), axis=0)
+        # rank of each channel by (mean |k| descending, channel ascending); the top NB are boosted
+        beats = (a[None, :] > a[:, None]) | ((a[None, :] == a[:, None]) & (d[None, :] < d[:, None]))
+        boosted = tl.sum(beats.to(tl.int32), axis=1) < NB
+        levels = tl.where(boosted, (1 << (BITS + HBITS)) - 1, levels)
+    codes, scale, zero = _codes(x, tl.min(x, axis=0)[None, :], tl.max(x, axis=0)[None, :], levels[None, :])
+    return codes, scale, zero, boosted
+
+
+@triton.jit
+def _store_key_block(blk, codes, scale, zero, boosted, d, lo_ptr, s_ptr, z_ptr, hi_ptr, idx_ptr, ok,
+                     G: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr,
+                     HBITS: tl.constexpr):
+    """Writes a block's fields at block row ``blk`` of contiguous ``[.., blocks, ..]`` storage where the
+    per-channel flags ``ok [DC]`` hold."""
+    tl.store(s_ptr + blk * D + d, tl.reshape(scale, (DC,)), mask=ok)
+    tl.store(z_ptr + blk * D + d, tl.reshape(zero, (DC,)), mask=ok)
+    PER: tl.constexpr = 8 // BITS
+    rows = blk * (G // PER) + tl.arange(0, G // PER)
+    tl.store(lo_ptr + rows[:, None] * D + d[None, :], _pack_rows(codes & ((1 << BITS) - 1), BITS, G, DC),
+             mask=ok[None, :])
+    if NB > 0:
+        col = tl.cumsum(boosted.to(tl.int32), axis=0) - 1  # position among the boosted, by channel
+        HPER: tl.constexpr = 8 // HBITS
+        hrows = blk * (G // HPER) + tl.arange(0, G // HPER)
+        tl.store(hi_ptr + hrows[:, None] * NB + col[None, :], _pack_rows(codes >> BITS, HBITS, G, D),
+                 mask=(boosted & ok)[None, :])
+        tl.store(idx_ptr + blk * NB + col, d.to(tl.int16), mask=boosted & ok)
+
+
+@triton.jit
+def _value_rows(x, BT: tl.constexpr, D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr):
+    """Per-token groups of ``GV`` channels of ``x [BT, D]``: packed codes ``[BT, D * BITS / 8]``, scale/zero ``[BT, D / GV]``."""
+    NG: tl.constexpr = D // GV
+    x = tl.reshape(x.to(tl.float32), (BT, NG, GV))
+    codes, scale, zero = _codes(x, tl.min(x, axis=2)[:, :, None], tl.max(x, axis=2)[:, :, None],
+                                tl.full((1, 1, 1), (1 << BITS) - 1, tl.float32))
+    packed = _pack_cols(tl.reshape(codes, (BT, D)), BITS, BT, D)
+    return packed, tl.reshape(scale, (BT, NG)), tl.reshape(zero, (BT, NG))
+
+
+@triton.jit
+def _store_value_rows(row, ok, packed, scale, zero, c_ptr, s_ptr, z_ptr, D: tl.constexpr, GV: tl.constexpr,
+                      BITS: tl.constexpr):
+    """Writes value rows ``row [BT]`` (token rows of contiguous storage) where ``ok``."""
+    NG: tl.constexpr = D // GV
+    g = tl.arange(0, NG)
+    tl.store(s_ptr + row[:, None] * NG + g[None, :], scale, mask=ok[:, None])
+    tl.store(z_ptr + row[:, None] * NG + g[None, :], zero, mask=ok[:, None])
+    cols = tl.arange(0, D * BITS // 8)
+    tl.store(c_ptr + row[:, None] * (D * BITS // 8) + cols[None, :], packed, mask=ok[:, None])
+
+
 @triton.jit(do_not_specialize=["sxb", "sxh", "sxt", "n_blocks"])
 def _quant_keys_kernel(x_ptr, sxb, sxh, sxt, lo_ptr, s_ptr, z_ptr, hi_ptr, idx_ptr, n_blocks,
                        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, BITS: tl.constexpr,
@@ -76,27 +135,9 @@ def _quant_keys_kernel(x_ptr, sxb, sxh, sxt, lo_ptr, s_ptr, z_ptr, hi_ptr, idx_p
     t = tl.arange(0, G)
     d = tl.program_id(2) * DC + tl.arange(0, DC)  # this program's channels (all D when boosting: DC == D)
     x = tl.load(x_ptr + b * sxb + h * sxh + (blk * G + t)[:, None] * sxt + d[None, :]).to(tl.float32)
-    levels = tl.full((DC,), (1 << BITS) - 1, tl.float32)
-    if NB > 0:
-        a = tl.sum(tl.abs(x), axis=0)
-        # rank of each channel by (mean |k| descending, channel ascending); the top NB are boosted
-        beats = (a[None, :] > a[:, None]) | ((a[None, :] == a[:, None]) & (d[None, :] < d[:, None]))
-        boosted = tl.sum(beats.to(tl.int32), axis=1) < NB
-        levels = tl.where(boosted, (1 << (BITS + HBITS)) - 1, levels)
-    codes, scale, zero = _codes(x, tl.min(x, axis=0)[None, :], tl.max(x, axis=0)[None, :], levels[None, :])
-    out = (bh * n_blocks + blk) * D + d
-    tl.store(s_ptr + out, tl.reshape(scale, (DC,)))
-    tl.store(z_ptr + out, tl.reshape(zero, (DC,)))
-    PER: tl.constexpr = 8 // BITS
-    rows = (bh * n_blocks + blk) * (G // PER) + tl.arange(0, G // PER)
-    tl.store(lo_ptr + rows[:, None] * D + d[None, :], _pack_rows(codes & ((1 << BITS) - 1), BITS, G, DC))
-    if NB > 0:
-        col = tl.cumsum(boosted.to(tl.int32), axis=0) - 1  # position among the boosted, by channel
-        HPER: tl.constexpr = 8 // HBITS
-        hrows = (bh * n_blocks + blk) * (G // HPER) + tl.arange(0, G // HPER)
-        tl.store(hi_ptr + hrows[:, None] * NB + col[None, :], _pack_rows(codes >> BITS, HBITS, G, D),
-                 mask=boosted[None, :])
-        tl.store(idx_ptr + (bh * n_blocks + blk) * NB + col, d.to(tl.int16), mask=boosted)
+    codes, scale, zero, boosted = _key_block(x, d, BITS, NB, HBITS, DC)
+    _store_key_block(bh * n_blocks + blk, codes, scale, zero, boosted, d, lo_ptr, s_ptr, z_ptr, hi_ptr, idx_ptr,
+                     d >= 0, G, D, DC, BITS, NB, HBITS)
 
 
 @triton.jit(do_not_specialize=["sxb", "sxh", "sxt", "T"])
@@ -110,18 +151,8 @@ def _quant_values_kernel(x_ptr, sxb, sxh, sxt, c_ptr, s_ptr, z_ptr, T,
     ok = t < T
     d = tl.arange(0, D)
     x = tl.load(x_ptr + b * sxb + h * sxh + t[:, None] * sxt + d[None, :], mask=ok[:, None], other=0.0)
-    NG: tl.constexpr = D // GV
-    x = tl.reshape(x.to(tl.float32), (BT, NG, GV))
-    codes, scale, zero = _codes(x, tl.min(x, axis=2)[:, :, None], tl.max(x, axis=2)[:, :, None],
-                                tl.full((1, 1, 1), (1 << BITS) - 1, tl.float32))
-    g = tl.arange(0, NG)
-    sz = (bh * T + t)[:, None] * NG + g[None, :]
-    tl.store(s_ptr + sz, tl.reshape(scale, (BT, NG)), mask=ok[:, None])
-    tl.store(z_ptr + sz, tl.reshape(zero, (BT, NG)), mask=ok[:, None])
-    PER: tl.constexpr = 8 // BITS
-    cols = tl.arange(0, D // PER)
-    packed = _pack_cols(tl.reshape(codes, (BT, D)), BITS, BT, D)
-    tl.store(c_ptr + (bh * T + t)[:, None] * (D // PER) + cols[None, :], packed, mask=ok[:, None])
+    packed, scale, zero = _value_rows(x, BT, D, GV, BITS)
+    _store_value_rows(bh * T + t, ok, packed, scale, zero, c_ptr, s_ptr, z_ptr, D, GV, BITS)
 
 
 def _is_pow2(n: int) -> bool:

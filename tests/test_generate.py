@@ -1,0 +1,69 @@
+"""kvlab.generate on CPU (the dynamic path; the static CUDA-graph path is tested in test_kernels.py)."""
+
+import pytest
+import torch
+
+import kvlab
+from kvlab.bench import latency as lat
+from kvlab.generate import _stop_at_eos, prompt_positions
+from kvlab.methods import parse_method
+from kvlab.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _ = load_model("random:tiny-llama")
+    return model
+
+
+def test_generate_matches_model_generate(tiny):
+    ids = torch.randint(3, tiny.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    got = kvlab.generate(tiny, ids, "fp16", max_new_tokens=20, attention_mask=mask)
+    ref = tiny.generate(ids, attention_mask=mask, past_key_values=kvlab.make_cache("fp16", tiny), max_new_tokens=20,
+                        do_sample=False, pad_token_id=0)
+    assert torch.equal(got, ref)
+
+
+def test_generate_with_a_quantized_cache_is_greedy_over_that_cache(tiny):
+    """Each generated token is the argmax of the logits the same cache gives when fed those tokens.
+    (Token-for-token equality with ``model.generate`` does not hold here: its prefill differs by ~1e-7,
+    which can flip a quantization code, and random weights give near-tied logits.)"""
+    spec = "kivi-2:group_size=16,residual=16"
+    ids = torch.randint(3, tiny.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    new = kvlab.generate(tiny, ids, spec, max_new_tokens=20, attention_mask=mask)[:, 30:]
+    cache = kvlab.make_cache(spec, tiny)
+    pos = prompt_positions(mask, 2, 30, "cpu")
+    with torch.no_grad():
+        logits = tiny(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+        for s in range(new.shape[1]):
+            assert torch.equal(logits.argmax(-1), new[:, s]), s
+            mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+            logits = tiny(new[:, s : s + 1], attention_mask=mask, position_ids=pos[:, -1:] + s + 1,
+                          past_key_values=cache).logits[:, -1]
+
+
+def test_stop_at_eos_pads_after_the_first_eos_and_drops_finished_columns():
+    new = torch.tensor([[5, 2, 7, 8], [5, 6, 2, 9]])
+    assert torch.equal(_stop_at_eos(new, 2, 0), torch.tensor([[5, 2, 0], [5, 6, 2]]))
+    assert torch.equal(_stop_at_eos(new, [7, 9], 0), torch.tensor([[5, 2, 7, 0], [5, 6, 2, 9]]))
+    assert torch.equal(_stop_at_eos(new, None, 0), new)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"max_new_tokens": 0}, "max_new_tokens"),
+                                          ({"input_ids": torch.zeros(3, dtype=torch.long)}, "input_ids")])
+def test_generate_rejects_bad_input(tiny, kwargs, match):
+    args = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        kvlab.generate(tiny, args.pop("input_ids"), "fp16", **args)
+
+
+def test_chunked_prefill_fills_the_same_cache(tiny):
+    case = lat.method_case(parse_method("kivi-2:group_size=16,residual=16"))
+    whole = lat.measure(tiny, case, 2, 48, 3, 0)
+    chunked = lat.measure(tiny, case, 2, 48, 3, 0, prefill_chunk=20)
+    assert chunked["cache_bytes"] == whole["cache_bytes"]
+    assert chunked["bits_per_value_all_in"] == whole["bits_per_value_all_in"]
