@@ -116,7 +116,7 @@ def test_usage_errors_exit_2_before_loading(extra, message, tmp_path, capsys, mo
 
 
 def test_out_of_memory_is_a_row_and_larger_batches_are_not_run(tiny_model, monkeypatch):
-    def fake(model, case, batch, context, gen_len, warmup, seed=0):
+    def fake(model, case, batch, context, gen_len, warmup, seed=0, prefill_chunk=None):
         if batch > 1:
             torch.empty(1)  # a tensor the traceback holds until the row is recorded
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
