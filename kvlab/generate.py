@@ -20,6 +20,7 @@ from kvlab.cache import make_cache
 from kvlab.methods import parse_method
 from kvlab.static import make_static, static_reason
 
+
 def capacity(method, tokens: int) -> int:
     """Tokens to preallocate for ``tokens``: whole key groups (a static cache writes whole blocks)."""
     group = getattr(method, "group_size", 1)
@@ -120,7 +121,7 @@ def generate(model, input_ids: torch.Tensor, cache="fp16", *, max_new_tokens: in
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=kv,
                    use_cache=True, logits_to_keep=1).logits
     first = logits[:, -1:].argmax(-1)
-    if max_new_tokens > 1 and static_reason(kv) is None and device.type == "cuda":
+    if max_new_tokens > 1 and static_reason(kv) is None:
         decoder = StaticDecoder(model, kv, first, positions[:, -1:], max_new_tokens - 1, attention_mask, cuda_graph)
         for _ in range(max_new_tokens - 1):
             decoder.step()

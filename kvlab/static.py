@@ -26,8 +26,8 @@ import torch
 
 from kvlab.attention import enable as enable_kvlab_attention
 from kvlab.attention import mark_pending
-from kvlab.cache import CompressedCache, CompressedLayer, FullPrecisionLayer, QuantizedLayer
-from kvlab.kernels.decode_attention import META_COLS, static_attend
+from kvlab.cache import CompressedCache, CompressedLayer, FullPrecisionLayer, QuantizedLayer, StoredLayer
+from kvlab.kernels.decode_attention import META_COLS, kernel_unsupported, static_attend
 from kvlab.kernels.static_cache import dense_append, dense_attend, static_update
 
 
@@ -53,15 +53,25 @@ def quantized_schedule(S: int, Tk: int, Tv: int, Rk: int, residual: int, group: 
 
 def static_reason(cache) -> str | None:
     """Why ``cache`` has no static (CUDA-graph) decode path, or None."""
-    for layer in getattr(cache, "layers", ()):
+    if not isinstance(cache, CompressedCache):
+        return "not a kvlab cache"
+    for layer in cache.layers:
         if isinstance(layer, QuantizedLayer):
             if not layer.fused:
                 return "quantized layers decode with CUDA kernels only (fused=True on a CUDA model)"
-            if layer.length < layer.sinks:
-                return f"the prompt ({layer.length} tokens) is shorter than the {layer.sinks} sinks"
-        elif type(layer) is not FullPrecisionLayer:
-            return f"{type(layer).__name__} has no static decode path"
-    return None if isinstance(cache, CompressedCache) else "not a kvlab cache"
+            G = layer.key_codec.group_size
+            reason = kernel_unsupported(layer.device, layer.dtype, cache.head_dim, layer.key_codec, layer.value_codec)
+            if reason is None and G & (G - 1):
+                reason = f"key group {G} is not a power of two"
+            if reason is None and layer.length < layer.sinks:
+                reason = f"the prompt ({layer.length} tokens) is shorter than the {layer.sinks} sinks"
+        elif type(layer) is FullPrecisionLayer:
+            reason = kernel_unsupported(layer.device, layer.dtype, cache.head_dim)
+        else:
+            reason = f"{type(layer).__name__} has no static decode path"
+        if reason:
+            return reason
+    return None
 
 
 class _StaticLayer(CompressedLayer):
@@ -92,7 +102,7 @@ class _StaticLayer(CompressedLayer):
         raise RuntimeError("a static cache has a fixed batch (no beam search or batch reordering)")
 
 
-class StaticQuantizedLayer(_StaticLayer):
+class StaticQuantizedLayer(_StaticLayer, StoredLayer):
     def __init__(self, layer: QuantizedLayer, steps: int, step: torch.Tensor, valid: torch.Tensor | None):
         layer._flush()  # what the next update would do first: tails <= residual from here on
         kc, G, R = layer.key_codec, layer.key_codec.group_size, layer.residual
@@ -100,9 +110,10 @@ class StaticQuantizedLayer(_StaticLayer):
         Tk, Tv = layer.key_store.tokens, layer.value_store.tokens
         Rk = 0 if layer.key_tail is None else layer.key_tail.shape[2]
         rows = quantized_schedule(S, Tk, Tv, Rk, R, G, steps)
-        if layer.key_store.capacity % G or rows and rows[-1][1] > layer.key_store.capacity:
+        needed = rows[-1][1] if rows else Tk
+        if layer.key_store.capacity % G or needed > layer.key_store.capacity:
             raise ValueError(f"the cache's capacity {layer.key_store.capacity} must be a multiple of {G} covering "
-                             f"{rows[-1][1]} quantized tokens")
+                             f"{needed} quantized tokens")
         super().__init__(rows, step, valid, layer.layer_idx, layer.length)
         self.key_codec, self.value_codec = kc, layer.value_codec
         self.sink_keys, self.sink_values = layer.sink_keys, layer.sink_values
@@ -137,16 +148,6 @@ class StaticQuantizedLayer(_StaticLayer):
 
     def full_precision_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return self.sink_keys, self.sink_values, self.key_ring, self.value_ring
-
-    def memory_bytes(self) -> int:
-        fp = sum(t.numel() * t.element_size() for t in self.full_precision_tensors() if t is not None)
-        return fp + self.key_store.nbytes() + self.value_store.nbytes()
-
-    def quantized_tokens(self) -> tuple[int, int]:
-        return self.key_store.tokens, self.value_store.tokens
-
-    def quantized_bytes(self) -> tuple[int, int]:
-        return self.key_store.nbytes(), self.value_store.nbytes()
 
 
 class StaticDenseLayer(_StaticLayer):

@@ -67,3 +67,17 @@ def test_chunked_prefill_fills_the_same_cache(tiny):
     chunked = lat.measure(tiny, case, 2, 48, 3, 0, prefill_chunk=20)
     assert chunked["cache_bytes"] == whole["cache_bytes"]
     assert chunked["bits_per_value_all_in"] == whole["bits_per_value_all_in"]
+
+
+def test_static_path_says_why_it_does_not_apply(tiny):
+    from kvlab.static import make_static, static_reason
+
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    fp16 = kvlab.make_cache("fp16", tiny)
+    tiny(ids, past_key_values=fp16)
+    assert static_reason(fp16) == "not on a CUDA device"
+    evicting = kvlab.make_cache("h2o:budget=4", tiny)
+    tiny(ids, past_key_values=evicting)
+    assert "has no static decode path" in static_reason(evicting)
+    with pytest.raises(ValueError, match="no static decode path: not on a CUDA device"):
+        make_static(fp16, tiny, 4)

@@ -145,7 +145,7 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
 
     times = []
     decoder = None
-    if case.static and device.type == "cuda" and static_reason(cache) is None:
+    if case.static and static_reason(cache) is None:
         last = torch.full((batch, 1), context - 1, device=device)
         decoder = StaticDecoder(model, cache, next_ids, last, gen_len)
     for _ in range(gen_len):

@@ -564,23 +564,29 @@ def lean_config(kc, vc, D: int) -> tuple[bool, int]:
     return bool(ok), bn
 
 
-def unsupported_reason(layer, query: torch.Tensor, attention_mask: torch.Tensor | None) -> str | None:
-    """Why ``fused_attend`` would fall back to the reference for this call, or None."""
-    kc, vc = layer.key_codec, layer.value_codec
-    D = query.shape[-1]
-    if query.device.type != "cuda" and not triton_interpreting():
+def kernel_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, key_codec=None,
+                       value_codec=None) -> str | None:
+    """Why the decode kernels cannot serve a layer of these shapes (and codecs, if given), or None."""
+    D = head_dim
+    if device.type != "cuda" and not triton_interpreting():
         return "not on a CUDA device"
-    if query.dtype not in _TL_DTYPE:
-        return f"query dtype {query.dtype}"
+    if dtype not in _TL_DTYPE:
+        return f"dtype {dtype}"
     if D < 16 or D & (D - 1):
         return f"head_dim {D} is not a power of two >= 16"
-    if not _tile_tokens(kc.group_size):
-        return f"key group {kc.group_size} is not a multiple of 16"
-    if vc.group_size & (vc.group_size - 1) or D % vc.group_size:
-        return f"value group {vc.group_size} is not a power of two dividing head_dim"
-    if attention_mask is not None and attention_mask.dtype != torch.bool:
-        return "non-boolean attention mask"
+    if key_codec is not None and not _tile_tokens(key_codec.group_size):
+        return f"key group {key_codec.group_size} is not a multiple of 16"
+    if value_codec is not None and (value_codec.group_size & (value_codec.group_size - 1) or D % value_codec.group_size):
+        return f"value group {value_codec.group_size} is not a power of two dividing head_dim"
     return None
+
+
+def unsupported_reason(layer, query: torch.Tensor, attention_mask: torch.Tensor | None) -> str | None:
+    """Why ``fused_attend`` would fall back to the reference for this call, or None."""
+    reason = kernel_unsupported(query.device, query.dtype, query.shape[-1], layer.key_codec, layer.value_codec)
+    if reason is None and attention_mask is not None and attention_mask.dtype != torch.bool:
+        return "non-boolean attention mask"
+    return reason
 
 
 # Registers per thread: uncapped, ptxas takes ~250 and only 2 programs fit on an SM; 168 fits 3
@@ -609,7 +615,7 @@ def fused_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None
     SDPA) where the kernel does not apply (CPU, many query rows as in prefill, odd group sizes,
     non-boolean masks).
     """
-    B, HQ, QLEN, D = query.shape
+    B, HQ, QLEN, _ = query.shape
     reason = unsupported_reason(layer, query, attention_mask)
     HKV = next(t for t in (layer.sink_keys, layer.key_tail, layer.key_store.fields.get("scale"),
                            layer.value_store.fields.get("scale")) if t is not None).shape[1]
