@@ -97,6 +97,7 @@ def test_hf_baselines_on_cpu(tmp_path, capsys):
     (["--batch-sizes", "1", "0"], "--batch-sizes 1 0"),
     (["--context-lengths", "0"], "--context-lengths 0"),
     (["--gen-len", "0"], "--gen-len 0"),
+    (["--prefill-chunk", "0"], "--prefill-chunk 0 must be at least 1"),
     (["--gen-len", "4", "--warmup", "4"], "must exceed --warmup"),
     (["--context-lengths", "4096", "--gen-len", "16"], "exceeds random:tiny-llama's 4096 positions"),
     (["--find-max-batch"], "--find-max-batch"),
