@@ -2,9 +2,9 @@
 
 A layer holds, per (batch row, KV head), ``[sinks | quantized | tail]`` for keys and for values,
 with different quantized lengths (keys in whole blocks of ``G``, values token by token, so
-``Tk >= Tv``). Two kinds of programs share one launch:
+``Tk >= Tv``). Two launches of one kernel (``ROLE``):
 
-* lean programs stream tiles of ``BN`` tokens (``BN`` = the key group, at most 128) whose keys
+* one-warp lean programs stream tiles of ``BN`` tokens (at most 64, within one key group) whose keys
   and values are both quantized. A tile is loaded once as packed bytes (``[BN / KPER, D]`` key
   bytes, ``[BN, D / VPER]`` value bytes) and never re-interleaved: bit field ``j`` of every key
   byte is a sub-tile of tokens ``KPER * r + j`` that feeds its own ``tl.dot``; bit field ``i`` of
@@ -14,12 +14,12 @@ with different quantized lengths (keys in whole blocks of ``G``, values token by
   value group spans the head (G >= head_dim, the default), the value scale folds into ``p``
   (``sum_t p_t (c_t s_t + z_t) = (p * s) . c + sum_t p_t z_t``), so nothing is dequantized
   per element.
-* one generic program per (batch row, KV head) handles the rest (sinks, the zone whose keys are
+* ``N_GENERIC`` programs per (batch row, KV head) handle the rest (sinks, the zone whose keys are
   quantized but values not yet, the fp16 tails; a few tiles) with simple gathers, in three
   straight loops (no data-dependent branch that yields tensors: Triton 3.6 miscompiled that
   form, see docs/kernels.md).
 
-A second kernel merges the partial softmax results (log-sum-exp). Each program holds all
+A third kernel merges the partial softmax results (log-sum-exp). Each program holds all
 ``n_rep * q_len`` query rows of its KV head (padded to 16 MMA rows), so every KV tile is read
 once per GQA group.
 """
@@ -286,6 +286,9 @@ _INT_ARGS = [
 META_S, META_TK, META_TV, META_RK, META_KF, META_VF = range(6)
 META_COLS = 8
 
+# What one launch of _decode_kernel does: stream lean tiles, or the rest (sinks, boundary zone, tails).
+ROLE_LEAN, ROLE_GENERIC = tl.constexpr(1), tl.constexpr(2)
+
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _decode_kernel(
@@ -301,7 +304,8 @@ def _decode_kernel(
     HKV: tl.constexpr, N_REP: tl.constexpr, QLEN: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
     BN: tl.constexpr, BNG: tl.constexpr, G: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr,
     NB_PAD: tl.constexpr, HBITS: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr, AP: tl.constexpr,
-    LEAN: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr, META: tl.constexpr,
+    LEAN: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr, META: tl.constexpr, ROLE: tl.constexpr,
+    N_GENERIC: tl.constexpr,
 ):
     """META: lengths come from row ``*step_ptr`` of the schedule ``meta_ptr`` and the tails are rings
     (token ``t`` of the key tail in row ``t % KR``, of the value tail in ``t % VR``): a static cache
@@ -315,10 +319,12 @@ def _decode_kernel(
         if LEAN:
             n_lean = tl.minimum(Tk, Tv) // BN
     pid_s = tl.program_id(0)
+    if ROLE == ROLE_GENERIC:
+        pid_s += n_split
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)  # batch offsets of a long context overflow int32
     h = pid_bh % HKV
-    n_parts = tl.num_programs(0)
+    n_parts = n_split + N_GENERIC
     L = S + Tk + Rk
     NR: tl.constexpr = N_REP * QLEN
 
@@ -354,10 +360,10 @@ def _decode_kernel(
     acc2 = tl.zeros((M_PAD, D // AP), tl.float32)
     acc3 = tl.zeros((M_PAD, D // AP), tl.float32)
 
-    # Programs 0 .. n_split-1 stream lean tiles [pid_s * TPS, ...); program n_split does the rest.
+    # Lean program i streams lean tiles [i * TPS, (i + 1) * TPS); generic programs write parts n_split + gi.
     v0 = pid_s * TPS
     v1 = tl.minimum(v0 + TPS, n_lean)
-    if LEAN:
+    if ROLE == ROLE_LEAN:
         KPER: tl.constexpr = 8 // KBITS
         VPER: tl.constexpr = 8 // VBITS
         R4: tl.constexpr = BN // KPER
@@ -415,52 +421,53 @@ def _decode_kernel(
                                                         vz_ptr, D, R4, KPER, VPER, GV)
             l_i = l_i * alpha + ls
 
-    # Generic program: straight loops over sink tiles, boundary tiles (quantized keys, values
-    # quantized or not) and tail tiles; the other programs run them zero times.
-    is_gen = (pid_s == n_split).to(tl.int32)
-    offs = tl.arange(0, BNG)
-    causal_end = (L - QLEN + qi)[:, None]
-    for g in range(0, tl.cdiv(S, BNG) * is_gen):
-        pos = g * BNG + offs
-        ok = pos < S
-        s = _fp_key_logits(q, sk_ptr, pos, ok, skt, D, DTYPE, qk_scale)
-        keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
-        if HAS_MASK:
-            keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
-        m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
-            s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, pos, pos < 0, vc_ptr, vs_ptr, vz_ptr,
-            sv_ptr, pos, ok, svt, AP, D, VBITS, GV)
-    t_start = n_lean * BN
-    for g in range(0, ((Tk - t_start) // BNG) * is_gen):
-        t = t_start + g * BNG + offs
-        pos = S + t
-        s = _gen_key_logits(qf, q_rows, row_ok, t, t < Tk, t_start + g * BNG, lo_ptr, ks_ptr, kz_ptr, hi_ptr,
-                            idx_ptr, D, G, KBITS, NB, NB_PAD, HBITS, qk_scale)
-        keep = row_ok[:, None] & (pos[None, :] <= causal_end)
-        if HAS_MASK:
-            keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
-        vrow = t - Tv
-        if META:
-            vrow = t % VR
-        m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
-            s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < Tv, vc_ptr, vs_ptr, vz_ptr,
-            vt_ptr, vrow, t >= Tv, vtt, AP, D, VBITS, GV)
-    for g in range(0, tl.cdiv(Rk, BNG) * is_gen):
-        t = Tk + g * BNG + offs  # keys and values both from the tails here (Tk >= Tv)
-        pos = S + t
-        ok = pos < L
-        krow = t - Tk
-        vrow = t - Tv
-        if META:
-            krow = t % KR
-            vrow = t % VR
-        s = _fp_key_logits(q, kt_ptr, krow, ok, ktt, D, DTYPE, qk_scale)
-        keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
-        if HAS_MASK:
-            keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
-        m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
-            s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < 0, vc_ptr, vs_ptr, vz_ptr,
-            vt_ptr, vrow, ok, vtt, AP, D, VBITS, GV)
+    # Generic programs: straight loops over sink tiles, boundary tiles (quantized keys, values
+    # quantized or not) and tail tiles.
+    if ROLE == ROLE_GENERIC:
+        gi = pid_s - n_split  # generic program gi takes tiles gi, gi + N_GENERIC, ... of each zone
+        offs = tl.arange(0, BNG)
+        causal_end = (L - QLEN + qi)[:, None]
+        for g in range(gi, tl.cdiv(S, BNG), N_GENERIC):
+            pos = g * BNG + offs
+            ok = pos < S
+            s = _fp_key_logits(q, sk_ptr, pos, ok, skt, D, DTYPE, qk_scale)
+            keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
+            if HAS_MASK:
+                keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
+                s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, pos, pos < 0, vc_ptr, vs_ptr, vz_ptr,
+                sv_ptr, pos, ok, svt, AP, D, VBITS, GV)
+        t_start = n_lean * BN
+        for g in range(gi, (Tk - t_start) // BNG, N_GENERIC):
+            t = t_start + g * BNG + offs
+            pos = S + t
+            s = _gen_key_logits(qf, q_rows, row_ok, t, t < Tk, t_start + g * BNG, lo_ptr, ks_ptr, kz_ptr, hi_ptr,
+                                idx_ptr, D, G, KBITS, NB, NB_PAD, HBITS, qk_scale)
+            keep = row_ok[:, None] & (pos[None, :] <= causal_end)
+            if HAS_MASK:
+                keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+            vrow = t - Tv
+            if META:
+                vrow = t % VR
+            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
+                s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < Tv, vc_ptr, vs_ptr, vz_ptr,
+                vt_ptr, vrow, t >= Tv, vtt, AP, D, VBITS, GV)
+        for g in range(gi, tl.cdiv(Rk, BNG), N_GENERIC):
+            t = Tk + g * BNG + offs  # keys and values both from the tails here (Tk >= Tv)
+            pos = S + t
+            ok = pos < L
+            krow = t - Tk
+            vrow = t - Tv
+            if META:
+                krow = t % KR
+                vrow = t % VR
+            s = _fp_key_logits(q, kt_ptr, krow, ok, ktt, D, DTYPE, qk_scale)
+            keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
+            if HAS_MASK:
+                keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
+                s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < 0, vc_ptr, vs_ptr, vz_ptr,
+                vt_ptr, vrow, ok, vtt, AP, D, VBITS, GV)
 
     # Partials of the real rows only: [B * HKV, n_parts, NR] m, l and [.., NR, D] acc.
     part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
@@ -558,7 +565,7 @@ def _fp_view(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, 
 
 def lean_config(kc, vc, D: int) -> tuple[bool, int]:
     """Whether quantized tiles take the lean path, and its tile size BN."""
-    bn = _tile_tokens(kc.group_size, 128)
+    bn = _tile_tokens(kc.group_size, LEAN_TILE)
     ok = (kc.bits in (2, 4) and vc.bits == kc.bits and bn and bn // (8 // kc.bits) >= 16
           and D // (8 // vc.bits) >= 16 and (not kc.boost_channels or kc.boost_bits - kc.bits == kc.bits))
     return bool(ok), bn
@@ -589,13 +596,21 @@ def unsupported_reason(layer, query: torch.Tensor, attention_mask: torch.Tensor 
     return reason
 
 
-# Registers per thread: uncapped, ptxas takes ~250 and only 2 programs fit on an SM; 168 fits 3
-# without spills in the lean loop (checked with ptxas -v on sm_90a). KVLAB_MAXNREG overrides (0: no cap).
+# Launch shapes (measured on an H100, docs/kernels.md; each overridable by environment variable for tuning):
+# * lean programs get one warp and 64-token tiles: every softmax reduction stays inside the warp and P
+#   feeds the second product from registers (with 4 warps, 49 barriers and shared-memory round trips per
+#   tile); uncapped, ptxas takes 217 registers with no spills (8x32K kivi-2: 162 us vs 282 with 4 warps);
+# * the generic part runs as a second launch of N_GENERIC 4-warp programs per (batch, KV head), each
+#   taking every N_GENERIC-th tile of each zone, registers capped at 168 (uncapped ~250: 2 programs/SM).
+LEAN_TILE = int(os.environ.get("KVLAB_LEAN_TILE", "64"))
+LEAN_WARPS = int(os.environ.get("KVLAB_LEAN_WARPS", "1"))
+LEAN_MAXNREG = int(os.environ.get("KVLAB_LEAN_MAXNREG", "0"))  # 0: no cap
+N_GENERIC = int(os.environ.get("KVLAB_GENERIC_PROGRAMS", "4"))
 MAXNREG = int(os.environ.get("KVLAB_MAXNREG", "168"))
 
 
-def _reg_cap(nb: int) -> dict:
-    return {} if triton_interpreting() or not MAXNREG else {"maxnreg": MAXNREG}
+def _reg_cap(cap: int) -> dict:
+    return {} if triton_interpreting() or not cap else {"maxnreg": cap}
 
 
 def plan_splits(n_lean: int, bh: int, sms: int) -> tuple[int, int]:
@@ -688,7 +703,7 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         step, meta, KR, VR, capacity = static
         planned = capacity // BN if lean else 0
     tps, n_split = plan_splits(planned, B * HKV, _num_sms(dev))
-    n_parts = n_split + 1  # + the generic program (sinks, boundary zone, tails)
+    n_parts = n_split + N_GENERIC  # + the generic programs (sinks, boundary zone, tails)
     NR = n_rep * QLEN
     AP = 8 // vc.bits if lean else 1
     pm = torch.empty(B * HKV * n_parts * NR, dtype=torch.float32, device=dev)
@@ -697,7 +712,7 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     scale = (scaling if scaling is not None else 1.0 / math.sqrt(D)) * LOG2E
     q = query if query.stride(3) == 1 else query.contiguous()
 
-    _decode_kernel[(n_parts, B * HKV)](
+    args = (
         q, q.stride(0), q.stride(1), q.stride(2),
         sk, sv, kt, vt, skb, skh, skt, svb, svh, svt, ktb, kth, ktt, vtb, vth, vtt,
         lo, ks, kz, hi, idx, vcodes, vs, vz,
@@ -706,11 +721,17 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         pm, pl, pacc,
         S, Tk, Tv, Rk, n_lean, n_split, tps, scale,
         step, meta, KR, VR,
+    )
+    consts = dict(
         HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(16, _pow2(NR)), D=D, BN=BN, BNG=_tile_tokens(kc.group_size),
         G=kc.group_size, KBITS=kc.bits, NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
         VBITS=vc.bits, GV=vc.group_size, AP=AP, LEAN=lean, HAS_MASK=mask is not None, DTYPE=_TL_DTYPE[dtype],
-        META=static is not None, num_warps=4, num_stages=3, **_reg_cap(NB),
+        META=static is not None, N_GENERIC=N_GENERIC, num_stages=3,
     )
+    if n_split:
+        _decode_kernel[(n_split, B * HKV)](*args, **consts, ROLE=ROLE_LEAN.value, num_warps=LEAN_WARPS,
+                                           **_reg_cap(LEAN_MAXNREG))
+    _decode_kernel[(N_GENERIC, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=4, **_reg_cap(MAXNREG))
     return combine(pm, pl, pacc, B, HKV, n_rep, QLEN, D, n_parts, dtype)
 
 
