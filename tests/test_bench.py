@@ -92,6 +92,14 @@ def test_hf_baselines_on_cpu(tmp_path, capsys):
     assert f"{rows['hf-dynamic']['tokens_per_s']:.1f}" in line
 
 
+def test_hf_baselines_by_name(tmp_path):
+    args = TINY + ["--methods", "fp16", "--batch-sizes", "1", "--context-lengths", "16", "--gen-len", "3",
+                   "--warmup", "1", "--hf-baselines", "hf-dynamic", "--output-dir", str(tmp_path)]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "latency.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp16", "hf-dynamic"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--methods", "nope"], "unknown method 'nope'"),
     (["--batch-sizes", "1", "0"], "--batch-sizes 1 0"),
@@ -102,6 +110,7 @@ def test_hf_baselines_on_cpu(tmp_path, capsys):
     (["--context-lengths", "4096", "--gen-len", "16"], "exceeds random:tiny-llama's 4096 positions"),
     (["--find-max-batch"], "--find-max-batch"),
     (["--methods", "hf-quanto-2", "--hf-baselines"], "also a --hf-baselines row"),
+    (["--hf-baselines", "hf-dynamic", "hf-nope"], "--hf-baselines hf-nope: unknown; choose from hf-dynamic,"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--model", "random:nope"], "unknown random model"),
 ])

@@ -53,7 +53,12 @@ def _validate(args: argparse.Namespace):
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed} must be >= 0")
     methods = _methods(args.methods)
-    clash = sorted({m.label for m in methods} & set(HF_BASELINES)) if args.hf_baselines else []
+    if args.hf_baselines == []:
+        args.hf_baselines = list(HF_BASELINES)
+    unknown = [n for n in args.hf_baselines or () if n not in HF_BASELINES]
+    if unknown:
+        raise UsageError(f"--hf-baselines {' '.join(unknown)}: unknown; choose from {', '.join(HF_BASELINES)}")
+    clash = sorted({m.label for m in methods} & set(args.hf_baselines or ()))
     if clash:
         raise UsageError(f"{', '.join(clash)} in --methods is also a --hf-baselines row; give it once")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,7 +100,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     print(f"loading {args.model} ({args.dtype}) on {device} ...", file=sys.stderr)
     model, _ = models.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    cases = [lat.method_case(m) for m in methods] + (lat.hf_cases(device) if args.hf_baselines else [])
+    baselines = [c for c in lat.hf_cases(device) if c.label in (args.hf_baselines or ())]
+    cases = [lat.method_case(m) for m in methods] + baselines
     batches, contexts = sorted(set(args.batch_sizes)), sorted(set(args.context_lengths))
 
     out = Path(args.output_dir)
@@ -170,8 +176,9 @@ def register(subparsers) -> None:
     q.add_argument("--prefill-chunk", type=int, default=None,
                    help="prefill in chunks of this many tokens (default: one forward), so that prefill "
                         "activations do not limit the batch")
-    q.add_argument("--hf-baselines", action="store_true",
-                   help="also time transformers' caches: hf-dynamic, hf-static-compiled, hf-quanto-2, hf-quanto-4")
+    q.add_argument("--hf-baselines", nargs="*", default=None, metavar="NAME",
+                   help="also time transformers' caches: hf-dynamic, hf-static-compiled, hf-quanto-2, hf-quanto-4 "
+                        "(all when no name is given)")
     q.add_argument("--find-max-batch", action="store_true",
                    help="also find the largest batch that fits, per method and context (CUDA only)")
     q.add_argument("--device", default=None, help="cuda if available, else cpu")
