@@ -251,6 +251,14 @@ def _gen_values(I: tl.constexpr, AP: tl.constexpr, tq, okq, vc_ptr, vs_ptr, vz_p
 
 
 @triton.jit
+def _padding_keep(keep, mask_rows, pos, HAS_MASK: tl.constexpr):
+    """``keep`` narrowed by the keep-mask (left padding) at positions ``pos``, where there is one."""
+    if HAS_MASK:
+        keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+    return keep
+
+
+@triton.jit
 def _gen_step(s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, tq, okq, vc_ptr, vs_ptr, vz_ptr,
               fp_ptr, fp_rows, okf, fst, AP: tl.constexpr, D: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr):
     s = tl.where(keep, s, float("-inf"))
@@ -361,9 +369,9 @@ def _decode_kernel(
     acc3 = tl.zeros((M_PAD, D // AP), tl.float32)
 
     # Lean program i streams lean tiles [i * TPS, (i + 1) * TPS); generic programs write parts n_split + gi.
-    v0 = pid_s * TPS
-    v1 = tl.minimum(v0 + TPS, n_lean)
     if ROLE == ROLE_LEAN:
+        v0 = pid_s * TPS
+        v1 = tl.minimum(v0 + TPS, n_lean)
         KPER: tl.constexpr = 8 // KBITS
         VPER: tl.constexpr = 8 // VBITS
         R4: tl.constexpr = BN // KPER
@@ -432,8 +440,7 @@ def _decode_kernel(
             ok = pos < S
             s = _fp_key_logits(q, sk_ptr, pos, ok, skt, D, DTYPE, qk_scale)
             keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
-            if HAS_MASK:
-                keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+            keep = _padding_keep(keep, mask_rows, pos, HAS_MASK)
             m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
                 s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, pos, pos < 0, vc_ptr, vs_ptr, vz_ptr,
                 sv_ptr, pos, ok, svt, AP, D, VBITS, GV)
@@ -444,8 +451,7 @@ def _decode_kernel(
             s = _gen_key_logits(qf, q_rows, row_ok, t, t < Tk, t_start + g * BNG, lo_ptr, ks_ptr, kz_ptr, hi_ptr,
                                 idx_ptr, D, G, KBITS, NB, NB_PAD, HBITS, qk_scale)
             keep = row_ok[:, None] & (pos[None, :] <= causal_end)
-            if HAS_MASK:
-                keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+            keep = _padding_keep(keep, mask_rows, pos, HAS_MASK)
             vrow = t - Tv
             if META:
                 vrow = t % VR
@@ -463,8 +469,7 @@ def _decode_kernel(
                 vrow = t % VR
             s = _fp_key_logits(q, kt_ptr, krow, ok, ktt, D, DTYPE, qk_scale)
             keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
-            if HAS_MASK:
-                keep &= tl.load(mask_rows[:, None] + pos[None, :], mask=keep, other=0) != 0
+            keep = _padding_keep(keep, mask_rows, pos, HAS_MASK)
             m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
                 s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < 0, vc_ptr, vs_ptr, vz_ptr,
                 vt_ptr, vrow, ok, vtt, AP, D, VBITS, GV)
