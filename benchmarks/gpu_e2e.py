@@ -59,16 +59,18 @@ def main() -> int:
 
 
 def check_generate(model, ids, prompt=300, new=64) -> int:
-    """kvlab.generate's static path (CUDA graph) against itself without the graph (must be identical)
-    and against the dynamic fused cache, teacher-forced with its tokens: every chosen token must be
-    the reference's argmax or within bf16 noise of it (2% of the logits' max magnitude). Left padding."""
+    """kvlab.generate's static path (CUDA graph; decoder layers compiled or not) against itself without
+    the graph (must be identical) and against the dynamic fused cache, teacher-forced with its tokens:
+    every chosen token must be the reference's argmax or within bf16 noise of it (2% of the logits'
+    max magnitude). Left padding."""
     failures = 0
     mask = torch.ones(ids.shape[0], prompt, dtype=torch.long, device=ids.device)
     mask[0, :5] = 0
-    for spec in ("fp16", "kivi-2", "kitty-pro"):
-        graph = kvlab.generate(model, ids[:, :prompt], spec, max_new_tokens=new, attention_mask=mask)
+    for spec, compile in (("fp16", False), ("kivi-2", False), ("kitty-pro", False), ("fp16", True),
+                          ("kivi-2", True), ("kitty-pro", True)):
+        graph = kvlab.generate(model, ids[:, :prompt], spec, max_new_tokens=new, attention_mask=mask, compile=compile)
         plain = kvlab.generate(model, ids[:, :prompt], spec, max_new_tokens=new, attention_mask=mask,
-                               cuda_graph=False)
+                               cuda_graph=False, compile=compile)
         tokens = graph[:, prompt:]
         with torch.inference_mode():
             cache = kvlab.make_cache(spec, model)
@@ -84,7 +86,7 @@ def check_generate(model, ids, prompt=300, new=64) -> int:
                 worst = max(worst, (gap / logits.abs().max(1).values).max().item())
         ok = torch.equal(graph, plain) and worst <= 2e-2
         failures += not ok
-        print(f"kvlab.generate {spec:10s} graph == no graph: {torch.equal(graph, plain)}; teacher-forced through the "
+        print(f"kvlab.generate {spec:10s} compile={compile!s:5s} graph == no graph: {torch.equal(graph, plain)}; teacher-forced through the "
               f"dynamic cache, worst chosen-token logit gap {worst:.1e} of max  {'OK' if ok else 'FAIL'}", flush=True)
     return failures
 

@@ -26,8 +26,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from kvlab.attention import NAME as KVLAB_ATTENTION
+from kvlab.attention import STATIC_STEP, mark_pending
 from kvlab.attention import enable as enable_kvlab_attention
-from kvlab.attention import mark_pending
 from kvlab.quant.codecs import Fields, KeyChannelCodec, ValueTokenCodec
 
 
@@ -119,9 +119,50 @@ class KVLayerMixin:
 
 
 class FullPrecisionLayer(KVLayerMixin, DynamicLayer):
-    """transformers' dynamic layer, with kvlab's accounting."""
+    """transformers' dynamic layer, with kvlab's accounting.
+
+    With ``capacity`` (tokens; make_cache's ``max_length``), keys and values are written into
+    buffers allocated once, at the first update, and ``keys``/``values`` are views of the filled
+    part. Growing by ``torch.cat`` instead copies the whole cache at every append, so a chunked
+    prefill briefly holds it twice: that, not the cache, would decide the largest batch that fits.
+    Operations that replace ``keys`` (batch selection, beam reordering) drop back to concatenation.
+    """
+
+    capacity: int | None = None
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if self.capacity is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if length + new > self.capacity:
+            raise ValueError(f"the cache was preallocated for {self.capacity} tokens; {length} + {new} do not fit")
+        if length == 0:
+            B, H, _, D = key_states.shape
+            self.buffers = tuple(t.new_empty(B, H, self.capacity, D) for t in (key_states, value_states))
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        elif not self.preallocated():
+            self.buffers = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        kbuf, vbuf = self.buffers
+        kbuf[:, :, length : length + new] = key_states
+        vbuf[:, :, length : length + new] = value_states
+        self.keys, self.values = kbuf[:, :, : length + new], vbuf[:, :, : length + new]
+        return self.keys, self.values
+
+    def preallocated(self) -> bool:
+        """``keys`` and ``values`` are still the leading views of the preallocated buffers."""
+        return self.buffers is not None and all(
+            t.data_ptr() == buf.data_ptr() and t.shape[:2] == buf.shape[:2] for t, buf in zip((self.keys, self.values),
+                                                                                           self.buffers))
+
+    def reset(self) -> None:
+        self.buffers = None
+        super().reset()
 
     def memory_bytes(self) -> int:
+        if self.preallocated():
+            return sum(_nbytes(buf) for buf in self.buffers)
         return _nbytes(self.keys) + _nbytes(self.values) if self.is_initialized else 0
 
     def full_precision_tensors(self) -> tuple[torch.Tensor | None, ...]:
@@ -329,7 +370,7 @@ class CompressedCache(Cache):
         self.config = config
         if max_length is not None:
             for layer in self.layers:
-                if isinstance(layer, QuantizedLayer):
+                if isinstance(layer, (QuantizedLayer, FullPrecisionLayer)):
                     layer.capacity = max_length
                     layer.reset()
 
@@ -343,6 +384,9 @@ class CompressedCache(Cache):
             layer.fused = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if STATIC_STEP.layers is not None:  # a static decode step (kvlab.static): one opaque op for the compiler
+            return torch.ops.kvlab.static_update(key_states, value_states), value_states
+        mark_pending(None)  # a mark no attention consumed (a layer updated directly, a failed forward) is stale
         layer = self.layers[layer_idx]
         if getattr(layer, "fused", False) and self.config._attn_implementation != KVLAB_ATTENTION:
             raise RuntimeError(

@@ -5,7 +5,11 @@
 One prefill forward fills a cache preallocated for the whole generation; then
 :func:`~kvlab.static.make_static` freezes it (fixed addresses, a per-step schedule on the
 device) and :class:`StaticDecoder` records one decode step (forward, argmax, counters) in a
-CUDA graph and replays it. No per-step allocation, host sync or Python in the loop. Methods
+CUDA graph and replays it. No per-step allocation, host sync or Python in the loop. With
+``compile=True`` the decoder layers run through ``torch.compile`` inside the recorded step, which
+fuses the small kernels around the cache (RMSNorm, RoPE, SiLU-gating, residual adds); the cache's
+update and attention stay kvlab's kernels, opaque custom ops in the compiled graph
+(:mod:`kvlab.attention`). All layers share one compiled graph. Methods
 without a static path (eviction, AQUA-KV, AxCore) and CPU models decode through
 ``model.generate`` with the same cache: same tokens, no graph. Output follows ``model.generate``
 (greedy): ``[B, prompt + new]``, tokens after a row's EOS set to ``pad_token_id``, trailing
@@ -15,7 +19,9 @@ columns where every row has finished dropped.
 from __future__ import annotations
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from kvlab.attention import static_step
 from kvlab.cache import make_cache
 from kvlab.methods import parse_method
 from kvlab.static import make_static, static_reason
@@ -33,18 +39,26 @@ def prompt_positions(attention_mask: torch.Tensor | None, batch: int, length: in
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.masked_fill(attention_mask == 0, 1)
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers (transformers' ``GradientCheckpointingLayer`` modules)."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 class StaticDecoder:
     """Greedy decode steps over a frozen cache; ``step()`` runs one (graph replay on CUDA).
 
     ``tokens [B, 1]`` holds the token to feed next; ``out [B, steps + 1]`` collects the fed ones
-    and the last prediction. Warm-up steps run eagerly (Triton compiles, cuBLAS sets up) on a side
-    stream, then one step is recorded and replayed for the rest.
+    and the last prediction. Warm-up steps run on a side stream: the first eagerly (Triton
+    compiles, cuBLAS sets up, the layer order of the cache ops is checked), the second through the
+    compiled layers when ``compile`` (dynamo traces, Inductor compiles); then one step is recorded
+    and replayed for the rest. The model is left as it was: compiled layers are swapped in only
+    for the steps that run Python.
     """
 
     WARMUP = 2
 
     def __init__(self, model, cache, first_token: torch.Tensor, last_position: torch.Tensor, steps: int,
-                 attention_mask: torch.Tensor | None = None, cuda_graph: bool = True):
+                 attention_mask: torch.Tensor | None = None, cuda_graph: bool = True, compile: bool = False):
         self.model, self.cache, self.steps = model, cache, steps
         self.counter = make_static(cache, model, steps, attention_mask)
         self.tokens = first_token.clone()
@@ -54,10 +68,23 @@ class StaticDecoder:
         self.done = 0
         self.graph = None
         self.use_graph = cuda_graph and first_token.is_cuda and steps > self.WARMUP
+        self.compiled = []
+        if compile:
+            self.compiled = [(m, torch.compile(m.forward, fullgraph=True)) for m in decoder_layers(model)]
+            if not self.compiled:
+                raise ValueError(f"compile=True: {type(model).__name__} has no transformers decoder layers to compile")
 
     def _forward(self) -> None:
-        logits = self.model(input_ids=self.tokens, position_ids=self.position, past_key_values=self.cache,
-                            use_cache=True).logits
+        compiled = self.compiled if self.done else []  # the first step runs eagerly
+        for module, forward in compiled:
+            module.forward = forward
+        try:
+            with static_step(self.cache.layers):
+                logits = self.model(input_ids=self.tokens, position_ids=self.position, past_key_values=self.cache,
+                                    use_cache=True).logits
+        finally:
+            for module, _ in compiled:
+                del module.forward
         self.tokens.copy_(logits[:, -1:].argmax(-1))
         self.out.index_copy_(1, self.counter.long() + 1, self.tokens)
         self.position.add_(1)
@@ -101,10 +128,12 @@ def _stop_at_eos(new: torch.Tensor, eos_token_id, pad_token_id: int) -> torch.Te
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, cache="fp16", *, max_new_tokens: int = 128,
              attention_mask: torch.Tensor | None = None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int = 0, cuda_graph: bool = True) -> torch.Tensor:
+             pad_token_id: int = 0, cuda_graph: bool = True, compile: bool = True) -> torch.Tensor:
     """Greedy generation with a kvlab cache (a method spec like ``"kivi-2"`` or a Method).
 
     ``input_ids [B, P]`` (left padding with ``attention_mask``); returns ``[B, P + new]``.
+    ``compile``: the static path's decoder layers run compiled (:class:`StaticDecoder`); the first call
+    per batch size spends tens of seconds in Inductor; ``compile=False`` starts at once, ~1.2x slower.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -122,7 +151,8 @@ def generate(model, input_ids: torch.Tensor, cache="fp16", *, max_new_tokens: in
                    use_cache=True, logits_to_keep=1).logits
     first = logits[:, -1:].argmax(-1)
     if max_new_tokens > 1 and static_reason(kv) is None:
-        decoder = StaticDecoder(model, kv, first, positions[:, -1:], max_new_tokens - 1, attention_mask, cuda_graph)
+        decoder = StaticDecoder(model, kv, first, positions[:, -1:], max_new_tokens - 1, attention_mask, cuda_graph,
+                                compile)
         for _ in range(max_new_tokens - 1):
             decoder.step()
         new = decoder.finish()

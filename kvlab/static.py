@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from kvlab.attention import enable as enable_kvlab_attention
-from kvlab.attention import mark_pending
 from kvlab.cache import CompressedCache, CompressedLayer, FullPrecisionLayer, QuantizedLayer, StoredLayer
 from kvlab.kernels.decode_attention import META_COLS, kernel_unsupported, static_attend
 from kvlab.kernels.static_cache import dense_append, dense_attend, static_update
@@ -95,6 +94,9 @@ class _StaticLayer(CompressedLayer):
             S, Tk, _, Rk = self.host_rows[steps_done - 1][:4]
             self.length = S + Tk + Rk
 
+    def update(self, *args: Any, **kwargs: Any):
+        raise RuntimeError("a static cache decodes only inside kvlab.generate's StaticDecoder steps")
+
     def _clear(self) -> None:
         raise RuntimeError("a static cache is made for one generation; make a new cache")
 
@@ -131,12 +133,10 @@ class StaticQuantizedLayer(_StaticLayer, StoredLayer):
                 slots = (first + torch.arange(tail.shape[2], device=tail.device)) % ring.shape[2]
                 ring[:, :, slots] = tail
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        static_update(self, key_states, value_states, self.step, self.meta)
-        mark_pending(self)
-        return key_states, value_states
+    def store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        static_update(self, key, value, self.step, self.meta)
 
-    def attend(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
+    def attend_step(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         return static_attend(self, query, self.valid, scaling, self.step, self.meta)
 
     def finish(self, steps_done: int) -> None:
@@ -156,17 +156,18 @@ class StaticDenseLayer(_StaticLayer):
         B, H, P, D = layer.keys.shape
         rows = [[0, 0, 0, P + s + 1, 0, 0, 0, 0] for s in range(steps)]
         super().__init__(rows, step, valid, layer_idx, P)
-        self.keys = layer.keys.new_empty(B, H, P + steps, D)
-        self.values = layer.values.new_empty(B, H, P + steps, D)
-        self.keys[:, :, :P] = layer.keys
-        self.values[:, :, :P] = layer.values
+        if layer.preallocated() and layer.capacity >= P + steps:
+            self.keys, self.values = layer.buffers  # preallocated by make_cache: decode in place
+        else:
+            self.keys = layer.keys.new_empty(B, H, P + steps, D)
+            self.values = layer.values.new_empty(B, H, P + steps, D)
+            self.keys[:, :, :P] = layer.keys
+            self.values[:, :, :P] = layer.values
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        dense_append(self.keys, self.values, key_states, value_states, self.step, self.meta)
-        mark_pending(self)
-        return key_states, value_states
+    def store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        dense_append(self.keys, self.values, key, value, self.step, self.meta)
 
-    def attend(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
+    def attend_step(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         return dense_attend(query, self.keys, self.values, self.valid, scaling, self.step, self.meta)
 
     def full_precision_tensors(self) -> tuple[torch.Tensor | None, ...]:

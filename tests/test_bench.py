@@ -126,23 +126,37 @@ def test_usage_errors_exit_2_before_loading(extra, message, tmp_path, capsys, mo
 
 
 def test_out_of_memory_is_a_row_and_larger_batches_are_not_run(tiny_model, monkeypatch):
+    calls = []
+
     def fake(model, case, batch, context, gen_len, warmup, seed=0, prefill_chunk=None):
+        calls.append((batch, context))
         if batch > 1:
             torch.empty(1)  # a tensor the traceback holds until the row is recorded
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return {"method": case.label, "batch": batch, "context": context, "ms_per_token": 1.0}
 
     monkeypatch.setattr(lat, "measure", fake)
-    rows = lat.run_grid(tiny_model, [lat.Case("m")], [4, 1, 2], [16], gen_len=3, warmup=1)
+    rows = lat.run_grid(tiny_model, [lat.Case("m")], [4, 1, 2], [4096], gen_len=3, warmup=1)
+    assert calls == [(1, lat.WARM_CONTEXT), (1, 4096), (2, 4096)]  # untimed warm run: batch 1, short prompt
     assert [(r["batch"], bool(r.get("oom"))) for r in rows] == [(1, False), (2, True), (4, True)]
     assert rows[1]["error"].startswith("OutOfMemoryError: CUDA out of memory")
     assert rows[2]["error"] == "not run: batch 2 already ran out of memory"
     assert lat.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory")) and not lat.is_oom(ValueError("x"))
 
 
-def test_find_max_batch_doubles_then_bisects():
-    best, probes = lat.find_max_batch(lambda b: b <= 37)
-    assert best == 37
-    assert [b for b, _ in probes] == [1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
-    assert lat.find_max_batch(lambda b: False) == (0, [[1, False]])
-    assert lat.find_max_batch(lambda b: True, limit=6)[0] == 6
+def test_find_max_batch_starts_at_the_linear_prediction():
+    def fits_up_to(n, base=10.0, per=3.0):
+        return lambda b: base + per * b if b <= n else None
+
+    # exact prediction: memory for 37 sequences -> probes 1, 2, then 37 fits and 38 does not
+    best, probes = lat.find_max_batch(fits_up_to(37), memory=10 + 3 * 37.5)
+    assert (best, probes) == (37, [[1, True], [2, True], [37, True], [38, False]])
+    # memory overestimated (guess 50): walks down by 1, 2, 4, 8 until a fit, then bisects
+    best, probes = lat.find_max_batch(fits_up_to(37), memory=10 + 3 * 50)
+    assert best == 37 and [b for b, _ in probes] == [1, 2, 50, 49, 47, 43, 35, 39, 37, 38]
+    # memory underestimated (guess 20): walks up by 1, 2, 4, ..., then bisects
+    best, probes = lat.find_max_batch(fits_up_to(37), memory=10 + 3 * 20)
+    assert best == 37 and [b for b, _ in probes] == [1, 2, 20, 21, 23, 27, 35, 51, 43, 39, 37, 38]
+    assert lat.find_max_batch(lambda b: None, memory=100) == (0, [[1, False]])
+    assert lat.find_max_batch(fits_up_to(1), memory=100) == (1, [[1, True], [2, False]])
+    assert lat.find_max_batch(fits_up_to(100), memory=1e9, limit=6) == (6, [[1, True], [2, True], [6, True]])

@@ -242,3 +242,47 @@ def test_preallocated_storage_gives_identical_results(tiny_model):
     layer = static.layers[0]
     with pytest.raises(ValueError, match="preallocated for 200 tokens"):
         layer.key_store.append(layer.key_codec.encode(torch.randn(1, 2, 208, 32)), 208)
+
+
+def test_preallocated_fp16_layer_writes_in_place(tiny_model):
+    """fp16 with max_length: same logits as transformers' concatenating layer, keys are views of one
+    buffer (no copy of the cache per append), reordering falls back to concatenation, overflow is an error."""
+    ids = torch.randint(3, 128, (2, 90))
+    outs = []
+    for max_length in (None, 100):
+        cache = kvlab.make_cache("fp16", tiny_model, max_length=max_length)
+        logits = [tiny_model(ids[:, :40], past_key_values=cache).logits]
+        for t in range(40, 80, 8):
+            logits.append(tiny_model(ids[:, t : t + 8], past_key_values=cache).logits)
+        outs.append((torch.cat(logits, 1), cache))
+    (ref, dense), (out, pre) = outs
+    assert torch.equal(ref, out)
+    layer = pre.layers[0]
+    assert layer.preallocated() and layer.keys.data_ptr() == layer.buffers[0].data_ptr()
+    assert layer.memory_bytes() == 2 * layer.buffers[0].numel() * 4 > dense.layers[0].memory_bytes()
+    with pytest.raises(ValueError, match="preallocated for 100 tokens; 80 \\+ 30 do not fit"):
+        tiny_model(ids[:, :30], past_key_values=pre)
+    pre.reorder_cache(torch.tensor([1, 0]))
+    dense.reorder_cache(torch.tensor([1, 0]))
+    tiny_model(ids[:, 80:84], past_key_values=pre)
+    tiny_model(ids[:, 80:84], past_key_values=dense)
+    assert not layer.preallocated() and torch.equal(layer.keys, dense.layers[0].keys)
+
+
+def test_a_stale_pending_layer_does_not_capture_attention(tiny_model):
+    """A layer marked pending by a direct update (no attention consumed it) must not receive the
+    attention of a later forward through another cache."""
+    from kvlab.attention import enable, mark_pending
+
+    ids = torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        ref = tiny_model(ids, past_key_values=kvlab.make_cache("fp16", tiny_model)).logits
+        stale = kvlab.make_cache("kivi-2:group_size=16,residual=16", tiny_model).layers[0]
+        stale.layer_idx = 0
+        mark_pending(stale)
+        enable(tiny_model)
+        try:
+            out = tiny_model(ids, past_key_values=kvlab.make_cache("fp16", tiny_model)).logits
+        finally:
+            tiny_model.set_attn_implementation("sdpa")
+    assert torch.allclose(out, ref, atol=1e-5)

@@ -216,7 +216,6 @@ STATIC_CASES = [  # B, H_kv, n_rep, D, bits, group, boosted, sinks, residual, pr
 def test_static_layer_matches_dynamic(B, H_kv, n_rep, D, bits, group, nb, sinks, residual, prompt, steps, dtype,
                                       pad):
     """A frozen layer fed the same tokens stores the same codes and attends like the dynamic fused layer."""
-    from kvlab.kernels.decode_attention import static_attend
     from kvlab.static import StaticQuantizedLayer
 
     codecs = KeyChannelCodec(bits, group, nb, 4), ValueTokenCodec(bits, D)
@@ -237,11 +236,11 @@ def test_static_layer_matches_dynamic(B, H_kv, n_rep, D, bits, group, nb, sinks,
         k, v = keys_like_a_model(B, H_kv, 1, D, dtype), torch.randn(B, H_kv, 1, D, device=DEVICE, dtype=dtype)
         query = torch.randn(B, H_kv * n_rep, 1, D, device=DEVICE, dtype=dtype)
         dyn.update(k, v)
-        static.update(k, v)
+        static.store(k, v)
         if valid is not None:
             mask = valid[:, None, None, : prompt + s + 1]
         ref = fused_attend(dyn, query, mask, D**-0.5)
-        out = static_attend(static, query, valid, D**-0.5, step, static.meta)
+        out = static.attend_step(query, D**-0.5)
         assert rel_err(out, ref) < 2e-3, s
         step += 1
     static.finish(steps)
@@ -272,9 +271,9 @@ def test_static_dense_matches_sdpa(n_rep, pad):
     for s in range(steps):
         k, v = (torch.randn(B, H, 1, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
         keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
-        static.update(k, v)
+        static.store(k, v)
         query = torch.randn(B, H * n_rep, 1, D, device=DEVICE, dtype=torch.bfloat16)
-        out = static.attend(None, query, k, v, None, scaling=D**-0.5)
+        out = static.attend_step(query, D**-0.5)
         mask = keep_mask(None if valid is None else valid[:, None, None, : keys.shape[2]], 1, keys.shape[2], DEVICE)
         ref = torch.nn.functional.scaled_dot_product_attention(
             query.float(), keys.float().repeat_interleave(n_rep, 1), values.float().repeat_interleave(n_rep, 1),
@@ -284,10 +283,12 @@ def test_static_dense_matches_sdpa(n_rep, pad):
 
 
 @here
-@pytest.mark.parametrize("spec", ["fp16", "kivi-2:group_size=16,residual=16"])
-def test_static_decoder_follows_the_dynamic_cache(spec):
+@pytest.mark.parametrize("spec,compile", [("fp16", False), ("kivi-2:group_size=16,residual=16", False),
+                                          ("kivi-2:group_size=16,residual=16", True)])
+def test_static_decoder_follows_the_dynamic_cache(spec, compile):
     """StaticDecoder's greedy tokens, fed through the dynamic fused cache, are its argmax at every step
-    (or within bf16 noise of it): the static path computes what the reference path computes."""
+    (or within bf16 noise of it): the static path computes what the reference path computes, with
+    the decoder layers compiled (Inductor around kvlab's cache ops) or not."""
     import kvlab
     from kvlab.generate import StaticDecoder, prompt_positions
     from kvlab.models import load_model
@@ -309,9 +310,11 @@ def test_static_decoder_follows_the_dynamic_cache(spec):
 
     with torch.inference_mode():
         cache, first = prefill()
-        decoder = StaticDecoder(model, cache, first, pos[:, -1:], steps, mask, cuda_graph=False)
+        decoder = StaticDecoder(model, cache, first, pos[:, -1:], steps, mask, cuda_graph=False, compile=compile)
         for _ in range(steps):
             decoder.step()
+        if compile:  # one graph serves every layer: the cache ops take no layer index
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
         tokens = decoder.finish()
         assert tokens.shape == (B, steps + 1) and cache.get_seq_length() == P + steps
         ref_cache, ref_first = prefill()

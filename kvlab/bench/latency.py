@@ -4,14 +4,16 @@ One run is one cache at one (batch, context): a seeded random prompt of ``contex
 prefilled by one forward call (or chunks of ``prefill_chunk`` tokens, so that prefill activations
 do not decide what fits), then ``gen_len`` greedy decode steps through the cache. kvlab
 caches decode as ``kvlab.generate`` does: on CUDA, through the static path (the step replayed as
-a CUDA graph, :mod:`kvlab.generate`) where the method has one, else (and on CPU) the plain loop;
-the row's ``decode_path`` says which. Each step (forward + argmax) is timed on its own, synchronized on CUDA; the first
+a CUDA graph, :mod:`kvlab.generate`; its decoder layers compiled unless ``compile_layers`` is
+off) where the method has one, else (and on CPU) the plain loop; the row's ``decode_path`` says
+which. Each step (forward + argmax) is timed on its own, synchronized on CUDA; the first
 ``warmup`` steps are dropped. ``ms_per_token`` is the median of the rest and ``tokens_per_s`` =
 ``batch * 1000 / ms_per_token`` (tokens of all sequences).
 
 Rows (the ``rows`` of a ``"kind": "latency"`` result, see :mod:`kvlab.report`)::
 
-    {"method", "batch", "context", "gen_len", "prefill_ms", "ms_per_token", "ms_per_token_std",
+    {"method", "batch", "context", "gen_len", "prefill_ms", "warmup_s" (untimed first steps: compilation,
+     CUDA-graph recording), "ms_per_token", "ms_per_token_std",
      "tokens_per_s", "peak_memory_mb" (None on CPU), "cache_bytes", "bits_per_value_all_in", ...}
     {"method", "batch", "context", "oom": true, "error": str}   # ran out of memory
     {"method", "batch", "context", "skipped": str}               # cannot run here (the reason)
@@ -24,7 +26,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,13 +37,16 @@ from kvlab.static import static_reason
 HF_BASELINES = ("hf-dynamic", "hf-static-compiled", "hf-quanto-2", "hf-quanto-4")
 PROBE_STEPS = 2  # decode steps per --find-max-batch probe (after the prefill)
 MAX_PROBE_BATCH = 8192  # --find-max-batch stops doubling here
+WARM_CONTEXT = 2048  # prompt tokens of each case's untimed first run
 
 
 @dataclass(frozen=True)
 class Case:
     """One cache to time. ``new_cache(model, max_length)`` builds it; ``compiled``: decode steps go
     through ``torch.compile(model.forward, mode="reduce-overhead")``; ``skipped``: why it cannot run;
-    ``baseline``: a failure other than out-of-memory is recorded instead of raised."""
+    ``baseline``: a failure other than out-of-memory is recorded instead of raised; ``static``:
+    kvlab's static decode path where the cache has one, with the decoder layers compiled if
+    ``compile_layers``."""
 
     label: str
     new_cache: Callable[[Any, int], Any] | None = None
@@ -49,14 +54,16 @@ class Case:
     skipped: str | None = None
     baseline: bool = False
     static: bool = False
+    compile_layers: bool = False
 
 
-def method_case(method) -> Case:
+def method_case(method, compile_layers: bool = True) -> Case:
     """A kvlab method's cache, preallocated for the whole run (fused Triton kernels on CUDA)."""
     from kvlab.cache import make_cache
     from kvlab.generate import capacity
 
-    return Case(method.label, lambda model, n: make_cache(method, model, max_length=capacity(method, n)), static=True)
+    return Case(method.label, lambda model, n: make_cache(method, model, max_length=capacity(method, n)), static=True,
+                compile_layers=compile_layers)
 
 
 def hf_cases(device: torch.device) -> list[Case]:
@@ -129,7 +136,7 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
     ids = ids.to(device)
     cache = case.new_cache(model, context + gen_len)
     step = model
-    if case.compiled:
+    if case.compiled or case.compile_layers:
         torch._dynamo.reset()  # a fresh graph for this batch and cache size
         step = torch.compile(model.forward, mode="reduce-overhead")
 
@@ -147,7 +154,7 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
     decoder = None
     if case.static and static_reason(cache) is None:
         last = torch.full((batch, 1), context - 1, device=device)
-        decoder = StaticDecoder(model, cache, next_ids, last, gen_len)
+        decoder = StaticDecoder(model, cache, next_ids, last, gen_len, compile=case.compile_layers)
     for _ in range(gen_len):
         t0 = time.perf_counter()
         if decoder is not None:
@@ -161,13 +168,16 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
     if decoder is not None:
         decoder.finish()
 
+    if decoder is None:
+        path = "compiled" if case.compiled else "eager"
+    else:
+        path = ("cuda-graph" if decoder.use_graph else "static") + ("+compiled-layers" if decoder.compiled else "")
     timed = times[warmup:]
     ms = statistics.median(timed)
     return {
         "method": case.label, "batch": batch, "context": context, "gen_len": gen_len, "warmup": warmup,
-        "decode_path": "cuda-graph" if decoder is not None and decoder.use_graph else
-                       "static" if decoder is not None else "compiled" if case.compiled else "eager",
-        "prefill_ms": prefill_ms, "ms_per_token": ms,
+        "decode_path": path,
+        "prefill_ms": prefill_ms, "warmup_s": sum(times[:warmup]) / 1000, "ms_per_token": ms,
         "ms_per_token_std": statistics.stdev(timed) if len(timed) > 1 else 0.0,
         "tokens_per_s": batch * 1000 / ms,
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
@@ -194,8 +204,8 @@ def run_case(model, case: Case, batch: int, context: int, gen_len: int, warmup: 
     # out of the except block: the traceback (and the tensors its frames hold) is gone
     if model.config._attn_implementation != attn:
         model.set_attn_implementation(attn)
-    if case.compiled:
-        torch._dynamo.reset()  # drops the CUDA graphs and their memory pool
+    if case.compiled or case.compile_layers:
+        torch._dynamo.reset()  # drops the compiled code (and CUDA graphs and their memory pool)
     free_memory(model.device)
     return row
 
@@ -205,13 +215,13 @@ def run_grid(model, cases: list[Case], batch_sizes: list[int], contexts: list[in
              prefill_chunk: int | None = None) -> list[dict]:
     """One row per (case, context, batch), batches ascending; once a batch runs out of memory, the
     larger ones at that context are recorded as out of memory without running. Each case first
-    gets one whole untimed run at the smallest shape, so one-time costs (Triton compilation, lazy
-    kernel loading, allocator growth) land in no row: on an H100 the first decode run of a process
-    was seen 2-3x slower than the same run repeated."""
+    gets one untimed run at batch 1 and at most WARM_CONTEXT tokens, so one-time costs (Triton
+    compilation, lazy kernel loading, Inductor's first compile) land in no row: on an H100 the
+    first decode run of a process was seen 2-3x slower than the same run repeated."""
     rows = []
     for case in cases:
         if not case.skipped and not case.compiled:  # a compiled case compiles anew in each run anyway
-            run_case(model, case, min(batch_sizes), min(contexts), gen_len, warmup, seed, prefill_chunk)
+            run_case(model, case, 1, min(*contexts, WARM_CONTEXT), gen_len, warmup, seed, prefill_chunk)
         for context in contexts:
             oom_at = None
             for batch in sorted(batch_sizes):
@@ -227,35 +237,63 @@ def run_grid(model, cases: list[Case], batch_sizes: list[int], contexts: list[in
     return rows
 
 
-def find_max_batch(fits: Callable[[int], bool], limit: int = MAX_PROBE_BATCH) -> tuple[int, list[list]]:
-    """The largest batch for which ``fits`` holds: double from 1 until it fails, then bisect between
-    the last fit and the first failure. Returns (batch, [[probed batch, fits], ...]); 0 when batch 1
-    fails, ``limit`` when nothing up to it fails."""
+def find_max_batch(fits: Callable[[int], float | None], memory: float,
+                   limit: int = MAX_PROBE_BATCH) -> tuple[int, list[list]]:
+    """The largest batch ``b`` for which ``fits(b)`` returns the run's peak memory in bytes (None: out
+    of memory). Peak memory is close to linear in the batch (weights + batch x per-sequence cache
+    and activations), so batches 1 and 2 predict the batch that fills ``memory`` bytes; the search
+    starts there, steps up (or down) by 1, 2, 4, ... until it brackets the limit, then bisects.
+    Each probe at a large batch prefills batch x context tokens, so the prediction saves most of
+    the time of plain doubling. Returns (batch, [[probed batch, fits], ...]); 0 when batch 1 does
+    not fit, ``limit`` when nothing up to it fails."""
     probes: list[list] = []
 
-    def probe(b: int) -> bool:
-        ok = fits(b)
-        probes.append([b, ok])
-        return ok
+    def probe(b: int) -> float | None:
+        peak = fits(b)
+        probes.append([b, peak is not None])
+        return peak
 
-    fit, fail = 0, None
-    b = 1
-    while b <= limit:
-        if not probe(b):
-            fail = b
-            break
-        fit, b = b, 2 * b
+    one = probe(1)
+    if one is None or limit == 1:
+        return (0 if one is None else 1), probes
+    two = probe(2)
+    if two is None:
+        return 1, probes
+    per_sequence = max(two - one, 1.0)
+    guess = max(2, min(limit, int((memory - (one - per_sequence)) // per_sequence)))
+    fit, fail, step = 2, None, 1
+    if guess > 2 and probe(guess) is not None:  # walk up from the guess
+        fit = b = guess
+        while fail is None and fit < limit:
+            b = min(limit, fit + step)
+            if probe(b) is None:
+                fail = b
+            else:
+                fit, step = b, 2 * step
+    elif guess > 2:  # walk down
+        fail = guess
+        while fail - fit > 1:
+            b = max(fit + 1, fail - step)
+            if probe(b) is not None:
+                fit = b
+                break
+            fail, step = b, 2 * step
     if fail is None:
-        if fit < limit and probe(limit):
-            fit = limit
         return fit, probes
     while fail - fit > 1:
         mid = (fit + fail) // 2
-        if probe(mid):
+        if probe(mid) is not None:
             fit = mid
         else:
             fail = mid
     return fit, probes
+
+
+def usable_memory(device: torch.device) -> float:
+    """Bytes the allocator could hold now: free device memory plus what PyTorch already holds."""
+    free_memory(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_allocated(device)
 
 
 class _ProbeFailed(Exception):
@@ -264,25 +302,26 @@ class _ProbeFailed(Exception):
 
 def max_batch_rows(model, cases: list[Case], contexts: list[int], seed: int = 0,
                    on_probe: Callable[[str], None] | None = None, prefill_chunk: int | None = None) -> list[dict]:
-    """For each case and context, the largest batch whose prefill + PROBE_STEPS decode steps fit in memory."""
+    """For each case and context, the largest batch whose prefill + PROBE_STEPS decode steps fit in memory
+    (kvlab rows uncompiled: compiling the layers for every probe would cost more than the probes)."""
     rows = []
-    for case in cases:
+    for case in (replace(c, compile_layers=False) for c in cases):
         for context in contexts:
             if case.skipped or case.compiled:
                 why = case.skipped or "not probed: each probe would compile and record new CUDA graphs"
                 rows.append({"method": case.label, "context": context, "skipped": why})
                 continue
 
-            def fits(b: int, case=case, context=context) -> bool:
+            def fits(b: int, case=case, context=context) -> float | None:
                 if on_probe:
                     on_probe(f"{case.label} ctx={context} batch={b}")
                 row = run_case(model, case, b, context, PROBE_STEPS, 0, seed, prefill_chunk)
                 if row.get("skipped"):  # a baseline failed for another reason than memory
                     raise _ProbeFailed(row["skipped"])
-                return not row.get("oom")
+                return None if row.get("oom") else row["peak_memory_mb"] * 2**20
 
             try:
-                best, probes = find_max_batch(fits)
+                best, probes = find_max_batch(fits, usable_memory(model.device))
             except _ProbeFailed as e:
                 rows.append({"method": case.label, "context": context, "skipped": str(e)})
                 continue

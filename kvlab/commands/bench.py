@@ -101,7 +101,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
     print(f"loading {args.model} ({args.dtype}) on {device} ...", file=sys.stderr)
     model, _ = models.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     baselines = [c for c in lat.hf_cases(device) if c.label in (args.hf_baselines or ())]
-    cases = [lat.method_case(m) for m in methods] + baselines
+    cases = [lat.method_case(m, compile_layers=not args.no_compile) for m in methods] + baselines
     batches, contexts = sorted(set(args.batch_sizes)), sorted(set(args.context_lengths))
 
     out = Path(args.output_dir)
@@ -179,6 +179,9 @@ def register(subparsers) -> None:
     q.add_argument("--hf-baselines", nargs="*", default=None, metavar="NAME",
                    help="also time transformers' caches: hf-dynamic, hf-static-compiled, hf-quanto-2, hf-quanto-4 "
                         "(all when no name is given)")
+    q.add_argument("--no-compile", action="store_true",
+                   help="kvlab rows: replay the decode step without torch.compile of the decoder layers "
+                        "(by default Inductor fuses the norms, RoPE and MLP gating around kvlab's cache kernels)")
     q.add_argument("--find-max-batch", action="store_true",
                    help="also find the largest batch that fits, per method and context (CUDA only)")
     q.add_argument("--device", default=None, help="cuda if available, else cpu")
