@@ -309,7 +309,7 @@ def _head_dim(config) -> int:
 # Further subcommands live in their own modules, each with ``register(subparsers)``.
 COMMAND_MODULES: list[str] = [
     "kvlab.commands.calibrate", "kvlab.commands.report", "kvlab.commands.eval", "kvlab.commands.fidelity",
-    "kvlab.commands.genbench", "kvlab.commands.bench",
+    "kvlab.commands.genbench", "kvlab.commands.bench", "kvlab.commands.generate",
 ]
 
 

@@ -73,3 +73,31 @@ def test_ppl_end_to_end_resumes_and_is_deterministic(tmp_path):
     assert fresh.returncode == 0, fresh.stderr
     rerun = json.loads((tmp_path / "fresh" / "aggregated_results.json").read_text())["methods"]
     assert [m["ppl_mean"] for m in rerun] == [m["ppl_mean"] for m in agg["methods"]]  # bit-identical
+
+
+@pytest.mark.parametrize("args,message", [
+    (["hi", "--method", "nope"], "unknown method 'nope'"),
+    (["hi", "--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
+    (["hi", "--model", "random:tiny-llama"], "has no tokenizer"),
+    (["", "--method", "fp16"], "the prompt is empty"),
+])
+def test_generate_rejects_bad_input(capsys, args, message):
+    assert main(["generate", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_prints_what_kvlab_generate_returns(smollm2, capsys):
+    """The command's text is kvlab.generate's greedy continuation of the chat-formatted prompt, decoded."""
+    import kvlab
+
+    assert main(["generate", "What is 2+3?", "--method", "kivi-2", "--max-new-tokens", "12", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    model, tok = smollm2
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    out = kvlab.generate(model, ids, "kivi-2", max_new_tokens=12, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id or 0)
+    assert row["text"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) and row["text"].strip()
+    assert row["method"] == "kivi-2" and row["prompt_tokens"] == ids.shape[1] and 1 <= row["new_tokens"] <= 12
