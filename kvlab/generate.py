@@ -132,8 +132,9 @@ def generate(model, input_ids: torch.Tensor, cache="fp16", *, max_new_tokens: in
     """Greedy generation with a kvlab cache (a method spec like ``"kivi-2"`` or a Method).
 
     ``input_ids [B, P]`` (left padding with ``attention_mask``); returns ``[B, P + new]``.
-    ``compile``: the static path's decoder layers run compiled (:class:`StaticDecoder`); the first call
-    per batch size spends tens of seconds in Inductor; ``compile=False`` starts at once, ~1.2x slower.
+    ``compile``: the static path's decoder layers run compiled (:class:`StaticDecoder`): 1.2x faster
+    steps on an H100 (Llama-3.1-8B shapes); the first call per batch size pays dynamo's trace and
+    Inductor's compile (cached on disk after the first time); ``compile=False`` skips both.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
