@@ -140,7 +140,7 @@ class FullPrecisionLayer(KVLayerMixin, DynamicLayer):
         if length == 0:
             B, H, _, D = key_states.shape
             self.buffers = tuple(t.new_empty(B, H, self.capacity, D) for t in (key_states, value_states))
-            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self.lazy_initialization(key_states, value_states)
         elif not self.preallocated():
             self.buffers = None
             return super().update(key_states, value_states, *args, **kwargs)

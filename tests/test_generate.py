@@ -69,6 +69,17 @@ def test_chunked_prefill_fills_the_same_cache(tiny):
     assert chunked["bits_per_value_all_in"] == whole["bits_per_value_all_in"]
 
 
+def test_a_kvlab_row_without_a_static_path_decodes_eagerly(tiny, monkeypatch):
+    """compile_layers applies to the static path only: without one (CPU here) the row times the plain
+    loop, uncompiled, and says so."""
+    def no_compile(*args, **kwargs):
+        raise AssertionError("torch.compile called for a row without a static path")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    row = lat.measure(tiny, lat.method_case(parse_method("fp16"), compile_layers=True), 1, 16, 3, 0)
+    assert row["decode_path"] == "eager"
+
+
 def test_static_path_says_why_it_does_not_apply(tiny):
     from kvlab.static import make_static, static_reason
 

@@ -138,6 +138,7 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
     step = model
     if case.compiled or case.compile_layers:
         torch._dynamo.reset()  # a fresh graph for this batch and cache size
+    if case.compiled:
         step = torch.compile(model.forward, mode="reduce-overhead")
 
     _sync(device)
