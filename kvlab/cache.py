@@ -130,11 +130,14 @@ class FullPrecisionLayer(KVLayerMixin, DynamicLayer):
 
     capacity: int | None = None
     buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    fused = False  # CompressedCache.use_fused_attention: prefill chunks attend without repeating keys for GQA
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if self.fused and length and new > 1:
+            mark_pending(self)  # a chunk after the first: transformers' SDPA would repeat the whole cache per query head
         if self.capacity is None:
             return super().update(key_states, value_states, *args, **kwargs)
-        length, new = self.get_seq_length(), key_states.shape[-2]
         if length + new > self.capacity:
             raise ValueError(f"the cache was preallocated for {self.capacity} tokens; {length} + {new} do not fit")
         if length == 0:
@@ -149,6 +152,12 @@ class FullPrecisionLayer(KVLayerMixin, DynamicLayer):
         vbuf[:, :, length : length + new] = value_states
         self.keys, self.values = kbuf[:, :, : length + new], vbuf[:, :, : length + new]
         return self.keys, self.values
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
+        from kvlab.kernels.reference import grouped_attention, keep_mask
+
+        mask = keep_mask(attention_mask, query.shape[2], self.keys.shape[2], query.device)
+        return grouped_attention(query, self.keys, self.values, mask, scaling)
 
     def preallocated(self) -> bool:
         """``keys`` and ``values`` are still the leading views of the preallocated buffers."""
@@ -375,8 +384,9 @@ class CompressedCache(Cache):
                     layer.reset()
 
     def use_fused_attention(self, model) -> None:
-        """On CUDA: quantize with the Triton kernels and attend over the packed cache directly."""
-        fusable = [layer for layer in self.layers if isinstance(layer, QuantizedLayer)]
+        """On CUDA: quantize with the Triton kernels and attend over the packed cache directly; fp16 layers
+        attend prefill chunks through :func:`~kvlab.kernels.reference.grouped_attention`."""
+        fusable = [layer for layer in self.layers if isinstance(layer, (QuantizedLayer, FullPrecisionLayer))]
         if not fusable:
             return
         enable_kvlab_attention(model)

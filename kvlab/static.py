@@ -65,7 +65,7 @@ def static_reason(cache) -> str | None:
             if reason is None and layer.length < layer.sinks:
                 reason = f"the prompt ({layer.length} tokens) is shorter than the {layer.sinks} sinks"
         elif type(layer) is FullPrecisionLayer:
-            reason = kernel_unsupported(layer.device, layer.dtype, cache.head_dim)
+            reason = kernel_unsupported(layer.keys.device, layer.keys.dtype, cache.head_dim)
         else:
             reason = f"{type(layer).__name__} has no static decode path"
         if reason:

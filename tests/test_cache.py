@@ -286,3 +286,57 @@ def test_a_stale_pending_layer_does_not_capture_attention(tiny_model):
         finally:
             tiny_model.set_attn_implementation("sdpa")
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_prefill_attention_without_repeated_keys_matches_sdpa(tiny_model, monkeypatch):
+    """fp16 layers made for CUDA attend prefill chunks with the GQA group folded into the query rows
+    (no repeated keys); the logits are those of transformers' SDPA with repeated keys."""
+    from kvlab.kernels import reference
+
+    calls = []
+    grouped = reference.grouped_attention
+    monkeypatch.setattr(reference, "grouped_attention", lambda *a: calls.append(a[0].shape) or grouped(*a))
+    ids = torch.randint(3, 128, (2, 70))
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    outs = []
+    with torch.no_grad():
+        for fold in (False, True):
+            cache = kvlab.make_cache("fp16", tiny_model, max_length=80)
+            if fold:
+                cache.use_fused_attention(tiny_model)  # what make_cache does on CUDA
+            try:
+                logits = [tiny_model(ids[:, :30], attention_mask=mask[:, :30], past_key_values=cache).logits]
+                for start in (30, 50):
+                    logits.append(tiny_model(ids[:, start : start + 20], attention_mask=mask[:, : start + 20],
+                                             past_key_values=cache).logits)
+            finally:
+                tiny_model.set_attn_implementation("sdpa")
+            outs.append(torch.cat(logits, 1))
+    assert calls == [(2, 4, 20, 32)] * 4  # 2 later chunks x 2 layers; the first chunk stays on SDPA
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+
+
+def test_reference_attention_in_batch_slices_matches_repeated_keys(monkeypatch):
+    """A quantized layer is dequantized a few batch rows at a time, never repeated for GQA: the same
+    attention as dequantizing everything and repeating keys per query head."""
+    import torch.nn.functional as F
+
+    from kvlab.kernels import reference
+
+    layer = QuantizedLayer(KeyChannelCodec(2, 16, 3), ValueTokenCodec(2, 32), 16, 4)
+    B, H, n_rep, D, L, q = 3, 2, 4, 32, 75, 11
+    for n in (L - q, q):
+        layer.update(torch.randn(B, H, n, D) * 2 + 1, torch.randn(B, H, n, D))
+    query = torch.randn(B, H * n_rep, q, D)
+    mask = torch.ones(B, 1, q, L, dtype=torch.bool)
+    mask[1, ..., :6] = False
+    keys, values = reference.dequantized(layer, torch.float32)
+    causal = reference.keep_mask(mask, q, L, "cpu")
+    ref = F.scaled_dot_product_attention(query, keys.repeat_interleave(n_rep, 1), values.repeat_interleave(n_rep, 1),
+                                         attn_mask=causal, scale=0.2).transpose(1, 2)
+    whole = reference.reference_attend(layer, query, mask, 0.2, compute_dtype=torch.float32)
+    monkeypatch.setattr(reference, "TRANSIENT_BYTES", 1)  # one batch row per slice
+    sliced = reference.reference_attend(layer, query, mask, 0.2, compute_dtype=torch.float32)
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=0)
