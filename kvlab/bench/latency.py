@@ -21,7 +21,6 @@ Rows (the ``rows`` of a ``"kind": "latency"`` result, see :mod:`kvlab.report`)::
 
 from __future__ import annotations
 
-import gc
 import math
 import statistics
 import time
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from kvlab.generate import StaticDecoder
+from kvlab.models import free_memory, is_oom
 from kvlab.static import static_reason
 
 HF_BASELINES = ("hf-dynamic", "hf-static-compiled", "hf-quanto-2", "hf-quanto-4")
@@ -89,18 +89,6 @@ def hf_cases(device: torch.device) -> list[Case]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def is_oom(e: BaseException) -> bool:
-    msg = str(e)
-    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg))
 
 
 def _first_line(e: BaseException) -> str:

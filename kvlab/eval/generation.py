@@ -15,7 +15,6 @@ its own shard file, merged into the main file when the processes finish (or at t
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ from scipy import stats as scipy_stats
 
 from kvlab.cache import make_cache
 from kvlab.eval.stats import holm, mean_std, paired_test, stars
+from kvlab.models import free_memory, is_oom
 from kvlab.results import config_hash
 
 BASELINE = "fp16"
@@ -183,10 +183,6 @@ def generate_batch(model, tokenizer, prompts: list[str], method, max_new_tokens:
     return results
 
 
-def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 # -- the results file --------------------------------------------------------------------------
 
 
@@ -301,7 +297,7 @@ def run_plan(model, tokenizer, task, cfg: EvalConfig, plan: Plan, log: ResultLog
             except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
                 if not is_oom(e) or batch_size == 1:
                     raise
-                _free_memory()
+                free_memory()
                 log.append([{"event": "oom", "method": method.label, "repeat": repeat, "batch_size": batch_size,
                              "new_batch_size": batch_size // 2, "config_hash": cfg.hash}])
                 print(f"out of memory at batch size {batch_size}; continuing with {batch_size // 2}", file=sys.stderr)
@@ -313,12 +309,6 @@ def run_plan(model, tokenizer, task, cfg: EvalConfig, plan: Plan, log: ResultLog
             if progress is not None:
                 progress.update(len(batch))
     return batch_size
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _record(task, problem, prompt: str, out: Generated, method, repeat: int, cfg: EvalConfig, seed: int,
