@@ -215,9 +215,11 @@ class EvictionMixin:
 
     def _kept_mask(self, attention_mask, q: int):
         """The attention mask over the kept entries. transformers' mask assumes the kept entries are
-        the most recent positions, which holds without padding; with padding, build it per KV head
-        from the entries' validity (every query also sees itself, so no row is empty)."""
-        if attention_mask is None or bool(self.valid.all()):
+        the most recent positions, which holds without padding; with padding (found in the first call,
+        as ``_record_padding`` expects it), build it per KV head from the entries' validity (every query
+        also sees itself, so no row is empty). Deciding by ``row_offset``, not by ``valid.all()``, keeps
+        the host from waiting on the device at every step."""
+        if attention_mask is None or self.row_offset is None:
             return attention_mask
         n = self.valid.shape[2]
         rows = torch.arange(q, device=self.valid.device)[:, None] + (n - q)
