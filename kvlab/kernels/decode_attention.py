@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvlab.kernels.reference import reference_attend
+from kvlab.kernels.reference import kv_heads, reference_attend
 
 LOG2E = 1.4426950408889634
 
@@ -46,49 +46,21 @@ def triton_interpreting() -> bool:
 # It has no inline assembly either: the interpreter unpacks codes with plain integer ops.
 _INTERPRET = tl.constexpr(triton_interpreting())
 
-# Bytes (4 per 32-bit register) -> fp16 codes of each bit field. prmt spreads bytes b0..b3 into
-# two registers holding (b0, b1) and (b2, b3) as 16-bit halves; per field, (x >> shift) & mask
-# | 0x6400 is the fp16 number 1024 + code, and subtracting 1024 leaves the code exactly.
-_ASM_HEAD = """{
-.reg .b32 a, b, m, k, t;
-mov.b32 m, 0x64006400;
-mov.b32 k, MASK;
-prmt.b32 a, $IN, 0, 0x4140;
-prmt.b32 b, $IN, 0, 0x4342;
-"""
-_ASM_FIELD = """lop3.b32 t, a, k, m, 0xea;
-sub.f16x2 $LO, t, m;
-lop3.b32 t, b, k, m, 0xea;
-sub.f16x2 $HI, t, m;
-"""
-
-
-def _unpack_asm(bits: int) -> str:
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    s = _ASM_HEAD.replace("MASK", f"0x{mask:04x}{mask:04x}").replace("$IN", f"${2 * per}")
-    for j in range(per):
-        if j:
-            s += f"shr.b32 a, a, {bits};\nshr.b32 b, b, {bits};\n"
-        s += _ASM_FIELD.replace("$LO", f"${2 * j}").replace("$HI", f"${2 * j + 1}")
-    return s + "}"
-
-
+# Bytes (4 per 32-bit register) -> fp16 bit fields, one AND per two codes, never shifted down: prmt
+# spreads bytes b0..b3 into two registers holding (b0, b1) and (b2, b3) as 16-bit halves, and
+# x & (mask << bits * j) is the bit pattern of the fp16 subnormal code * 2^(bits * j - 24), exactly.
+# Tensor cores take fp16 subnormals exactly and accumulate in fp32 (the products, ~1e-9, are far from
+# fp32's subnormals), so the kernel scales each logit, and each value accumulator once at the end, by
+# 2^(24 - bits * j). Shifting each field down and converting it (shr, lop3 with 0x6400, sub.f16x2) took
+# two thirds of the unpacking instructions.
 def _field_asm(bits: int, j: int) -> str:
-    mask = (1 << bits) - 1
-    s = _ASM_HEAD.replace("MASK", f"0x{mask:04x}{mask:04x}").replace("$IN", "$2")
-    if j:
-        s += f"shr.b32 a, a, {bits * j};\nshr.b32 b, b, {bits * j};\n"
-    return s + _ASM_FIELD.replace("$LO", "$0").replace("$HI", "$1") + "}"
+    field = ((1 << bits) - 1) << (bits * j)
+    return ("{\n.reg .b32 a, b;\nprmt.b32 a, $2, 0, 0x4140;\nprmt.b32 b, $2, 0, 0x4342;\n"
+            f"and.b32 $0, a, 0x{field:04x}{field:04x};\nand.b32 $1, b, 0x{field:04x}{field:04x};\n}}")
 
 
-_F2 = [tl.constexpr(_field_asm(2, j)) for j in range(4)]
-_F2_0, _F2_1, _F2_2, _F2_3 = _F2
+_F2_0, _F2_1, _F2_2, _F2_3 = (tl.constexpr(_field_asm(2, j)) for j in range(4))
 _F4_0, _F4_1 = tl.constexpr(_field_asm(4, 0)), tl.constexpr(_field_asm(4, 1))
-_ASM_U2 = tl.constexpr(_unpack_asm(2))
-_ASM_U4 = tl.constexpr(_unpack_asm(4))
-_CONS_U2 = tl.constexpr("=r," * 8 + "r")
-_CONS_U4 = tl.constexpr("=r," * 4 + "r")
 
 
 @triton.jit
@@ -103,31 +75,10 @@ def safe_dot(a, b):
 
 @triton.jit
 def _field(x, J: tl.constexpr, BITS: tl.constexpr):
-    return ((x.to(tl.int32) >> (J * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
-
-
-@triton.jit
-def _unpack4(x):
-    """uint8 tensor of 2-bit codes -> the 4 bit fields as fp16 tensors of the same shape."""
-    if _INTERPRET:
-        return _field(x, 0, 2), _field(x, 1, 2), _field(x, 2, 2), _field(x, 3, 2)
-    return tl.inline_asm_elementwise(_ASM_U2, _CONS_U2, [x], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                     is_pure=True, pack=4)
-
-
-@triton.jit
-def _unpack2(x):
-    """uint8 tensor of 4-bit codes -> the 2 nibbles as fp16 tensors of the same shape."""
-    if _INTERPRET:
-        return _field(x, 0, 4), _field(x, 1, 4)
-    return tl.inline_asm_elementwise(_ASM_U4, _CONS_U4, [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-
-
-@triton.jit
-def _unpack_field(x, J: tl.constexpr, BITS: tl.constexpr):
-    """Bit field J of every byte of x as fp16 (one field: its registers live only until its use)."""
-    if _INTERPRET:
-        return _field(x, J, BITS)
+    """Bit field J of every byte of x, in place, as fp16 (code * 2^(BITS * J - 24)); one field at a time, so
+    its registers live only until its use."""
+    if _INTERPRET:  # no inline assembly there
+        return (x.to(tl.int32) & (((1 << BITS) - 1) << (J * BITS))).to(tl.int16).to(tl.float16, bitcast=True)
     if BITS == 2:
         if J == 0:
             return tl.inline_asm_elementwise(_F2_0, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
@@ -141,24 +92,32 @@ def _unpack_field(x, J: tl.constexpr, BITS: tl.constexpr):
     return tl.inline_asm_elementwise(_F4_1, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
 
 
+@triton.jit
+def _field_scale(J: tl.constexpr, BITS: tl.constexpr):
+    """What turns a product with field J back into one with the codes."""
+    return (1 << (24 - BITS * J)) * 1.0
+
+
 # -- lean tiles -----------------------------------------------------------------------------
 
 @triton.jit
 def _lean_values(vb, tok, vs_ptr, vz_ptr, I: tl.constexpr, c, vpart,
                  D: tl.constexpr, VPER: tl.constexpr, GV: tl.constexpr):
-    """Value sub-tile I (channels VPER * c + I) of tokens ``tok``, dequantized in fp16 (GV < D path)."""
+    """Value sub-tile I (channels VPER * c + I; ``vpart``: its field) of tokens ``tok``, dequantized (GV < D path)."""
     NG: tl.constexpr = D // GV
     so = tok[:, None] * NG + ((VPER * c + I) // GV)[None, :]
-    return vpart * tl.load(vs_ptr + so) + tl.load(vz_ptr + so)
+    codes = vpart.to(tl.float32) * _field_scale(I, 8 // VPER)
+    return (codes * tl.load(vs_ptr + so).to(tl.float32) + tl.load(vz_ptr + so).to(tl.float32)).to(tl.float16)
 
 
 @triton.jit
 def _lean_logits(kbytes, hbytes, J: tl.constexpr, t0, qs, zq, qb, mask_rows, S, R4: tl.constexpr,
                  KPER: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr, HAS_MASK: tl.constexpr):
     """Base-2 logits [M, R4] of key sub-tile J (tokens t0 + KPER * r + J) of a lean tile."""
-    s = safe_dot(qs, _unpack_field(kbytes, J, KBITS)) + zq[:, None]
+    s = safe_dot(qs, _field(kbytes, J, KBITS))
     if NB > 0:
-        s += safe_dot(qb, _unpack_field(hbytes, J, KBITS))
+        s += safe_dot(qb, _field(hbytes, J, KBITS))
+    s = s * _field_scale(J, KBITS) + zq[:, None]
     if HAS_MASK:
         tok = t0 + KPER * tl.arange(0, R4) + J
         keep = tl.load(mask_rows[:, None] + (S + tok)[None, :]) != 0
@@ -169,14 +128,17 @@ def _lean_logits(kbytes, hbytes, J: tl.constexpr, t0, qs, zq, qb, mask_rows, S, 
 @triton.jit
 def _lean_pv(p, J: tl.constexpr, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
              D: tl.constexpr, R4: tl.constexpr, KPER: tl.constexpr, VPER: tl.constexpr, GV: tl.constexpr):
-    """Adds p [M, R4] times the values of sub-tile J (tokens t0 + KPER * r + J) to the accumulators."""
+    """Adds p [M, R4] times the values of sub-tile J (tokens t0 + KPER * r + J) to the accumulators; with
+    GV == D, accumulator I gathers products with field I (the kernel scales them once at the end)."""
     tok = t0 + KPER * tl.arange(0, R4) + J
     c = tl.arange(0, D // VPER)
     vb = tl.load(vc_ptr + tok[:, None] * (D // VPER) + c[None, :])
+    VBITS: tl.constexpr = 8 // VPER
+    v0 = _field(vb, 0, VBITS)
+    v1 = _field(vb, 1, VBITS)
     if VPER == 4:
-        v0, v1, v2, v3 = _unpack4(vb)
-    else:
-        v0, v1 = _unpack2(vb)
+        v2 = _field(vb, 2, VBITS)
+        v3 = _field(vb, 3, VBITS)
     if GV == D:  # one value group per token: fold its scale into p, its zero into a row sum
         vsc = tl.load(vs_ptr + tok).to(tl.float32)
         vz = tl.load(vz_ptr + tok).to(tl.float32)
@@ -428,6 +390,12 @@ def _decode_kernel(
                 zacc, acc0, acc1, acc2, acc3 = _lean_pv(p3, 3, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr,
                                                         vz_ptr, D, R4, KPER, VPER, GV)
             l_i = l_i * alpha + ls
+        if GV == D:  # accumulator i gathered products with field i
+            acc0 *= _field_scale(0, VBITS)
+            acc1 *= _field_scale(1, VBITS)
+            if VPER == 4:
+                acc2 *= _field_scale(2, VBITS)
+                acc3 *= _field_scale(3, VBITS)
 
     # Generic programs: straight loops over sink tiles, boundary tiles (quantized keys, values
     # quantized or not) and tail tiles.
@@ -601,17 +569,26 @@ def unsupported_reason(layer, query: torch.Tensor, attention_mask: torch.Tensor 
     return reason
 
 
-# Launch shapes (measured on an H100, docs/kernels.md; each overridable by environment variable for tuning):
+def _tuning(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: kvlab's kernel tuning overrides take an integer") from None
+
+
+# Launch shapes (measured on an H100 and an H200, docs/kernels.md; each overridable by environment variable):
 # * lean programs get one warp and 64-token tiles: every softmax reduction stays inside the warp and P
 #   feeds the second product from registers (with 4 warps, 49 barriers and shared-memory round trips per
-#   tile); uncapped, ptxas takes 217 registers with no spills (8x32K kivi-2: 162 us vs 282 with 4 warps);
+#   tile; H100 8x32K kivi-2: 162 us vs 282); uncapped, ptxas takes 254 registers with no spills, and caps
+#   of 224 / 168 were slower (H200 8x32K kivi-2: 148 / 180 us vs 139);
 # * the generic part runs as a second launch of N_GENERIC 4-warp programs per (batch, KV head), each
 #   taking every N_GENERIC-th tile of each zone, registers capped at 168 (uncapped ~250: 2 programs/SM).
-LEAN_TILE = int(os.environ.get("KVLAB_LEAN_TILE", "64"))
-LEAN_WARPS = int(os.environ.get("KVLAB_LEAN_WARPS", "1"))
-LEAN_MAXNREG = int(os.environ.get("KVLAB_LEAN_MAXNREG", "0"))  # 0: no cap
-N_GENERIC = int(os.environ.get("KVLAB_GENERIC_PROGRAMS", "4"))
-MAXNREG = int(os.environ.get("KVLAB_MAXNREG", "168"))
+LEAN_TILE = _tuning("KVLAB_LEAN_TILE", 64)
+LEAN_WARPS = _tuning("KVLAB_LEAN_WARPS", 1)
+LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", 0)  # 0: no cap
+N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 4)
+MAXNREG = _tuning("KVLAB_MAXNREG", 168)
 
 
 def _reg_cap(cap: int) -> dict:
@@ -637,8 +614,7 @@ def fused_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None
     """
     B, HQ, QLEN, _ = query.shape
     reason = unsupported_reason(layer, query, attention_mask)
-    HKV = next(t for t in (layer.sink_keys, layer.key_tail, layer.key_store.fields.get("scale"),
-                           layer.value_store.fields.get("scale")) if t is not None).shape[1]
+    HKV = kv_heads(layer)
     if reason is None and HQ // HKV * QLEN > 64:
         reason = "too many query rows"
     S = 0 if layer.sink_keys is None else layer.sink_keys.shape[2]

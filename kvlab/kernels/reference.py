@@ -67,7 +67,7 @@ def reference_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | 
     SDPA in the query's dtype); ``compute_dtype=torch.float32`` is the tests' exact reference.
     """
     dtype = compute_dtype or query.dtype
-    B, Hq, q_len, D = query.shape
+    B, _, q_len, D = query.shape
     L = layer.get_seq_length()
     mask = keep_mask(attention_mask, q_len, L, query.device)
     step = max(1, TRANSIENT_BYTES // (2 * kv_heads(layer) * L * D * torch.finfo(dtype).bits // 8))
