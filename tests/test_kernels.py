@@ -326,3 +326,15 @@ def test_static_decoder_follows_the_dynamic_cache(spec, compile):
                            past_key_values=ref_cache).logits[:, -1].float()
             chosen = logits.gather(1, tokens[:, s + 1 :s + 2]).squeeze(1)
             assert ((logits.max(1).values - chosen) <= 2e-2 * logits.abs().max(1).values).all(), s
+
+
+def test_tuning_override_must_be_an_integer(monkeypatch):
+    from kvlab.kernels.decode_attention import _tuning
+
+    monkeypatch.setenv("KVLAB_LEAN_TILE", "32")
+    assert _tuning("KVLAB_LEAN_TILE", 64) == 32
+    monkeypatch.setenv("KVLAB_LEAN_TILE", "")
+    assert _tuning("KVLAB_LEAN_TILE", 64) == 64
+    monkeypatch.setenv("KVLAB_LEAN_TILE", "sixty-four")
+    with pytest.raises(ValueError, match="KVLAB_LEAN_TILE='sixty-four': kvlab's kernel tuning overrides take an integer"):
+        _tuning("KVLAB_LEAN_TILE", 64)
