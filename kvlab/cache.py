@@ -329,17 +329,22 @@ class QuantizedLayer(StoredLayer):
 
         return fused_attend(self, query, attention_mask, scaling)
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values as attention sees them: [sinks | dequantized | fp16 tail]."""
-        keys = [self.sink_keys, self._decoded(self.key_store, self.key_codec), self.key_tail]
-        values = [self.sink_values, self._decoded(self.value_store, self.value_codec), self.value_tail]
-        return (
-            torch.cat([t for t in keys if t is not None], dim=2),
-            torch.cat([t for t in values if t is not None], dim=2),
-        )
+    def dequantized(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as attention sees them: [sinks | dequantized | fp16 tail], of batch ``rows``, in
+        ``dtype`` (the layer's by default; the quantized part is decoded straight to it)."""
+        dtype = dtype or self.dtype
 
-    def _decoded(self, store: PackedStore, codec) -> torch.Tensor | None:
-        return codec.decode(store.fields, self.dtype) if store.tokens else None
+        def parts(sink, store, codec, tail):
+            held = [None if sink is None else sink[rows].to(dtype), self._decoded(store, codec, dtype, rows),
+                    None if tail is None else tail[rows].to(dtype)]
+            return torch.cat([t for t in held if t is not None], dim=2)
+
+        return (parts(self.sink_keys, self.key_store, self.key_codec, self.key_tail),
+                parts(self.sink_values, self.value_store, self.value_codec, self.value_tail))
+
+    def _decoded(self, store: PackedStore, codec, dtype: torch.dtype, rows: slice) -> torch.Tensor | None:
+        """Batch ``rows`` of the quantized part, decoded to ``dtype``."""
+        return codec.decode({name: t[rows] for name, t in store.fields.items()}, dtype) if store.tokens else None
 
     def _apply(self, fn) -> None:
         self._apply_to(("sink_keys", "sink_values", "key_tail", "value_tail"), fn)

@@ -107,8 +107,8 @@ class QuantizedEvictionLayer(EvictionMixin, QuantizedLayer):
         self._track(key_states)
         return super().update(key_states, value_states)
 
-    def _decoded(self, store: TokenStore, codec) -> torch.Tensor | None:
-        return store.decode(codec, self.dtype) if store.tokens else None
+    def _decoded(self, store: TokenStore, codec, dtype: torch.dtype, rows: slice) -> torch.Tensor | None:
+        return store.decode(codec, dtype)[rows] if store.tokens else None
 
     def _before_eviction(self) -> None:
         self._flush()

@@ -331,7 +331,7 @@ def test_reference_attention_in_batch_slices_matches_repeated_keys(monkeypatch):
     query = torch.randn(B, H * n_rep, q, D)
     mask = torch.ones(B, 1, q, L, dtype=torch.bool)
     mask[1, ..., :6] = False
-    keys, values = reference.dequantized(layer, torch.float32)
+    keys, values = layer.dequantized(torch.float32)
     causal = reference.keep_mask(mask, q, L, "cpu")
     ref = F.scaled_dot_product_attention(query, keys.repeat_interleave(n_rep, 1), values.repeat_interleave(n_rep, 1),
                                          attn_mask=causal, scale=0.2).transpose(1, 2)

@@ -48,17 +48,6 @@ def kv_heads(layer) -> int:
                             layer.value_store.fields.get("scale")) if t is not None).shape[1]
 
 
-def dequantized(layer, dtype: torch.dtype, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-    """A QuantizedLayer's ``[sinks | dequantized | tail]`` keys and values of batch ``rows``, decoded to ``dtype``."""
-    def parts(sink, store, codec, tail):
-        decoded = codec.decode({n: t[rows] for n, t in store.fields.items()}, dtype) if store.tokens else None
-        held = [None if sink is None else sink[rows].to(dtype), decoded, None if tail is None else tail[rows].to(dtype)]
-        return torch.cat([t for t in held if t is not None], dim=2)
-
-    return (parts(layer.sink_keys, layer.key_store, layer.key_codec, layer.key_tail),
-            parts(layer.sink_values, layer.value_store, layer.value_codec, layer.value_tail))
-
-
 def reference_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
                      scaling: float | None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Attention of ``query [B, Hq, q, D]`` over the layer's cache -> ``[B, q, Hq, D]`` in the compute dtype.
@@ -74,7 +63,7 @@ def reference_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | 
     out = []
     for b0 in range(0, B, step):
         rows = slice(b0, b0 + step)
-        keys, values = dequantized(layer, compute_dtype or layer.dtype, rows)
+        keys, values = layer.dequantized(compute_dtype, rows)
         out.append(grouped_attention(query[rows].to(dtype), keys.to(dtype), values.to(dtype),
                                      mask[rows] if mask.shape[0] > 1 else mask, scaling))
     return out[0] if len(out) == 1 else torch.cat(out)
