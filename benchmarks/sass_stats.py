@@ -8,8 +8,9 @@ it with the ``ptxas`` and ``cuobjdump`` that Triton's wheel ships:
         --platform manylinux_2_27_x86_64 -d /tmp/w triton==3.6.0
     python -m zipfile -e /tmp/w/triton-3.6.0-*.whl /tmp/t36 && chmod +x /tmp/t36/triton/backends/nvidia/bin/*
     PYTHONPATH=/tmp/t36 python benchmarks/sass_stats.py --bits 2 [--boost 25] [--role lean|generic] [--maxnreg N]
+        [--tile 128]
 
-Loops are backward branches' bodies, largest first: the lean role's one loop is a tile of 64 tokens;
+Loops are backward branches' bodies, largest first: the lean role's one loop is a tile of 64 (or 128) tokens;
 the generic role's are its boundary, tail and sink loops (one tile of 64 tokens each).
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, outdir: str) -> tuple[str, str]:
+def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, outdir: str) -> tuple[str, str]:
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -40,7 +41,7 @@ def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, outdir: str) 
                 "lo_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "hi_ptr": "*u8", "idx_ptr": "*i16",
                 "vc_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16", "mask_ptr": "*u8", "pm_ptr": "*fp32",
                 "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "step_ptr": "*i32", "meta_ptr": "*i32"}
-    consts = {"HKV": 8, "N_REP": 4, "QLEN": 1, "M_PAD": 16, "D": 128, "BN": 64, "BNG": 64, "G": 128, "KBITS": bits,
+    consts = {"HKV": 8, "N_REP": 4, "QLEN": 1, "M_PAD": 8, "D": 128, "BN": tile, "BNG": 64, "G": 128, "KBITS": bits,
               "NB": boost, "NB_PAD": max(16, da._pow2(boost)), "HBITS": bits, "VBITS": bits, "GV": 128,
               "AP": 8 // bits, "LEAN": True, "HAS_MASK": False, "DTYPE": tl.bfloat16, "META": False, "ROLE": role,
               "N_GENERIC": 4}
@@ -82,9 +83,10 @@ def main() -> None:
     p.add_argument("--boost", type=int, default=0, help="Kitty boosted channels (kitty-pro: 25)")
     p.add_argument("--role", choices=["lean", "generic"], default="lean")
     p.add_argument("--maxnreg", type=int, default=0)
+    p.add_argument("--tile", type=int, default=64, choices=[64, 128], help="lean tile tokens")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        usage, sass = compile_kernel(args.bits, args.boost, 1 if args.role == "lean" else 2, args.maxnreg, tmp)
+        usage, sass = compile_kernel(args.bits, args.boost, 1 if args.role == "lean" else 2, args.maxnreg, args.tile, tmp)
     regs = re.findall(r"Used (\d+) registers", usage)
     spills = re.findall(r"(\d+) bytes spill stores", usage)
     found = loops(sass)

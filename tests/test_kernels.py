@@ -156,6 +156,27 @@ def test_fused_attend(B, H_kv, n_rep, D, bits, group, nb, sinks, prompt, steps, 
 
 
 @here
+@pytest.mark.parametrize("pad", [False, True])
+def test_fused_attend_long_context_tiles(monkeypatch, pad):
+    """2-bit keys without boosted channels over a long context take 128-token lean tiles (the threshold is
+    lowered here to keep the interpreter fast): same result as the reference."""
+    from kvlab.kernels import decode_attention
+
+    monkeypatch.setattr(decode_attention, "LONG_CONTEXT", 256)
+    codecs = KeyChannelCodec(2, 128), ValueTokenCodec(2, 64)
+    assert decode_attention.lean_config(*codecs, 64, 384) == (True, 128)
+    assert decode_attention.lean_config(*codecs, 64, 255) == (True, 64)
+    layer = filled_layer(2, 2, 64, *codecs, 256, 4, 700, 2, torch.bfloat16)
+    query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=torch.bfloat16)
+    mask = None
+    if pad:
+        mask = torch.ones(2, 1, 1, layer.get_seq_length(), dtype=torch.bool, device=DEVICE)
+        mask[1, ..., :9] = False
+    out = fused_attend(layer, query, mask, 0.125)
+    assert rel_err(out, reference_attend(layer, query, mask, 0.125, compute_dtype=torch.float32)) < 1e-2
+
+
+@here
 def test_fused_attend_prefill_falls_back():
     """Many query rows (prefill) go to the reference path, with the same result."""
     layer = QuantizedLayer(KeyChannelCodec(2, 32), ValueTokenCodec(2, 32), 32, 4)

@@ -8,8 +8,11 @@ with different quantized lengths (keys in whole blocks of ``G``, values token by
   and values are both quantized. A tile is loaded once as packed bytes (``[BN / KPER, D]`` key
   bytes, ``[BN, D / VPER]`` value bytes) and never re-interleaved: bit field ``j`` of every key
   byte is a sub-tile of tokens ``KPER * r + j`` that feeds its own ``tl.dot``; bit field ``i`` of
-  every value byte is the channel sub-tile ``VPER * c + i`` with its own accumulator. Codes
-  become fp16 with the 0x6400 exponent trick (two codes per integer op, no int->float
+  every value byte is the channel sub-tile ``VPER * c + i`` with its own accumulator. Logits are
+  computed transposed, ``codes [tokens, D] @ (q * s)^T [D, rows]``: tokens on the MMA's M side
+  (16 per product) and the query rows on its N side, padded to 8 instead of 16, so padding rows
+  cost half the logit MMAs and half the softmax work; every reduction over tokens is taken once
+  per tile. Codes become fp16 bit fields in place (one AND per two codes, no shift or int->float
   conversion), the key scale folds into the query (``q.k = (q * s).code + q.z``) and, when a
   value group spans the head (G >= head_dim, the default), the value scale folds into ``p``
   (``sum_t p_t (c_t s_t + z_t) = (p * s) . c + sum_t p_t z_t``), so nothing is dequantized
@@ -17,11 +20,12 @@ with different quantized lengths (keys in whole blocks of ``G``, values token by
 * ``N_GENERIC`` programs per (batch row, KV head) handle the rest (sinks, the zone whose keys are
   quantized but values not yet, the fp16 tails; a few tiles) with simple gathers, in three
   straight loops (no data-dependent branch that yields tensors: Triton 3.6 miscompiled that
-  form, see docs/kernels.md).
+  form, see docs/kernels.md). They are launched on a side stream, so they run beside the lean
+  programs, not after them.
 
 A third kernel merges the partial softmax results (log-sum-exp). Each program holds all
-``n_rep * q_len`` query rows of its KV head (padded to 16 MMA rows), so every KV tile is read
-once per GQA group.
+``n_rep * q_len`` query rows of its KV head (padded to 8), so every KV tile is read once per GQA
+group.
 """
 
 from __future__ import annotations
@@ -111,25 +115,26 @@ def _lean_values(vb, tok, vs_ptr, vz_ptr, I: tl.constexpr, c, vpart,
 
 
 @triton.jit
-def _lean_logits(kbytes, hbytes, J: tl.constexpr, t0, qs, zq, qb, mask_rows, S, R4: tl.constexpr,
+def _lean_logits(kbytes, hbytes, J: tl.constexpr, t0, qsT, zq, qbT, mask_rows, S, R4: tl.constexpr,
                  KPER: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Base-2 logits [M, R4] of key sub-tile J (tokens t0 + KPER * r + J) of a lean tile."""
-    s = safe_dot(qs, _field(kbytes, J, KBITS))
+    """Base-2 logits [R4, M] of key sub-tile J (tokens t0 + KPER * r + J) of a lean tile, tokens as rows."""
+    s = safe_dot(_field(kbytes, J, KBITS), qsT)
     if NB > 0:
-        s += safe_dot(qb, _field(hbytes, J, KBITS))
-    s = s * _field_scale(J, KBITS) + zq[:, None]
+        s += safe_dot(_field(hbytes, J, KBITS), qbT)
+    s = s * _field_scale(J, KBITS) + zq[None, :]
     if HAS_MASK:
         tok = t0 + KPER * tl.arange(0, R4) + J
-        keep = tl.load(mask_rows[:, None] + (S + tok)[None, :]) != 0
+        keep = tl.load(mask_rows[None, :] + (S + tok)[:, None]) != 0
         s = tl.where(keep, s, float("-inf"))
     return s
 
 
 @triton.jit
-def _lean_pv(p, J: tl.constexpr, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
+def _lean_pv(p, J: tl.constexpr, t0, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
              D: tl.constexpr, R4: tl.constexpr, KPER: tl.constexpr, VPER: tl.constexpr, GV: tl.constexpr):
-    """Adds p [M, R4] times the values of sub-tile J (tokens t0 + KPER * r + J) to the accumulators; with
-    GV == D, accumulator I gathers products with field I (the kernel scales them once at the end)."""
+    """Adds p times the values of sub-tile J (tokens t0 + KPER * r + J; p is [R4, M], tokens as rows) to the
+    accumulators [M, D / VPER], and returns the value zero term per token and row. With GV == D,
+    accumulator I gathers products with field I (the kernel scales them once at the end)."""
     tok = t0 + KPER * tl.arange(0, R4) + J
     c = tl.arange(0, D // VPER)
     vb = tl.load(vc_ptr + tok[:, None] * (D // VPER) + c[None, :])
@@ -141,11 +146,11 @@ def _lean_pv(p, J: tl.constexpr, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_pt
         v3 = _field(vb, 3, VBITS)
     if GV == D:  # one value group per token: fold its scale into p, its zero into a row sum
         vsc = tl.load(vs_ptr + tok).to(tl.float32)
-        vz = tl.load(vz_ptr + tok).to(tl.float32)
-        zacc += tl.sum(p * vz[None, :], axis=1)
-        pv = (p * vsc[None, :]).to(tl.float16)
+        pz = p * tl.load(vz_ptr + tok).to(tl.float32)[:, None]
+        pv = tl.trans((p * vsc[:, None]).to(tl.float16))
     else:
-        pv = p.to(tl.float16)
+        pz = tl.zeros_like(p)
+        pv = tl.trans(p.to(tl.float16))
         v0 = _lean_values(vb, tok, vs_ptr, vz_ptr, 0, c, v0, D, VPER, GV)
         v1 = _lean_values(vb, tok, vs_ptr, vz_ptr, 1, c, v1, D, VPER, GV)
         if VPER == 4:
@@ -156,7 +161,7 @@ def _lean_pv(p, J: tl.constexpr, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_pt
     if VPER == 4:
         acc2 += safe_dot(pv, v2)
         acc3 += safe_dot(pv, v3)
-    return zacc, acc0, acc1, acc2, acc3
+    return pz, acc0, acc1, acc2, acc3
 
 
 # -- generic tiles (sinks, key/value boundary zone, tails) ----------------------------------
@@ -345,51 +350,53 @@ def _decode_kernel(
             grp = t0 // G
             kscale = tl.load(ks_ptr + grp * D + d).to(tl.float32)
             kzero = tl.load(kz_ptr + grp * D + d).to(tl.float32)
-            qs = (qf * kscale[None, :]).to(tl.float16)
+            qsT = tl.trans((qf * kscale[None, :]).to(tl.float16))
             zq = tl.sum(qf * kzero[None, :], axis=1)
-            kbytes = tl.trans(tl.load(lo_ptr + (t0 // KPER + r)[:, None] * D + d[None, :]))  # [D, R4]
-            qb = qs  # placeholders when there is no boost
+            kbytes = tl.load(lo_ptr + (t0 // KPER + r)[:, None] * D + d[None, :])  # [R4, D]
+            qbT = qsT  # placeholders when there is no boost
             hbytes = kbytes
             if NB > 0:
                 ch = tl.load(idx_ptr + grp * NB + kb, mask=kb_ok, other=0).to(tl.int32)
                 bscale = tl.load(ks_ptr + grp * D + ch, mask=kb_ok, other=0.0).to(tl.float32) * ((1 << KBITS) * qk_scale)
-                qbf = tl.load(q_rows[:, None] + ch[None, :], mask=row_ok[:, None] & kb_ok[None, :], other=0.0)
-                qb = (qbf.to(tl.float32) * bscale[None, :]).to(tl.float16)
-                hbytes = tl.trans(tl.load(hi_ptr + (t0 // KPER + r)[:, None] * NB + kb[None, :],
-                                          mask=kb_ok[None, :], other=0))  # [NB_PAD, R4]
-            # One softmax update per tile: the KPER logit sub-tiles are independent products.
-            s0 = _lean_logits(kbytes, hbytes, 0, t0, qs, zq, qb, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
-            s1 = _lean_logits(kbytes, hbytes, 1, t0, qs, zq, qb, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
-            mx = tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1))
+                qbf = tl.load(q_rows[None, :] + ch[:, None], mask=row_ok[None, :] & kb_ok[:, None], other=0.0)
+                qbT = (qbf.to(tl.float32) * bscale[:, None]).to(tl.float16)  # [NB_PAD, M]
+                hbytes = tl.load(hi_ptr + (t0 // KPER + r)[:, None] * NB + kb[None, :], mask=kb_ok[None, :], other=0)
+            # One softmax update per tile: the KPER logit sub-tiles are independent products, and every
+            # reduction over tokens (max, sum, value zero term) is taken once, on their elementwise combination.
+            s0 = _lean_logits(kbytes, hbytes, 0, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+            s1 = _lean_logits(kbytes, hbytes, 1, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+            mx = tl.maximum(s0, s1)
             if KPER == 4:
-                s2 = _lean_logits(kbytes, hbytes, 2, t0, qs, zq, qb, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
-                s3 = _lean_logits(kbytes, hbytes, 3, t0, qs, zq, qb, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
-                mx = tl.maximum(mx, tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
-            m_new = tl.maximum(m_i, mx)
+                s2 = _lean_logits(kbytes, hbytes, 2, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+                s3 = _lean_logits(kbytes, hbytes, 3, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+                mx = tl.maximum(mx, tl.maximum(s2, s3))
+            m_new = tl.maximum(m_i, tl.max(mx, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
             alpha = tl.exp2(m_i - m_safe)
             m_i = m_new
-            p0 = tl.exp2(s0 - m_safe[:, None])
-            p1 = tl.exp2(s1 - m_safe[:, None])
-            ls = tl.sum(p0, axis=1) + tl.sum(p1, axis=1)
-            zacc = zacc * alpha
             acc0 = acc0 * alpha[:, None]
             acc1 = acc1 * alpha[:, None]
             acc2 = acc2 * alpha[:, None]
             acc3 = acc3 * alpha[:, None]
-            zacc, acc0, acc1, acc2, acc3 = _lean_pv(p0, 0, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
-                                                    D, R4, KPER, VPER, GV)
-            zacc, acc0, acc1, acc2, acc3 = _lean_pv(p1, 1, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
-                                                    D, R4, KPER, VPER, GV)
+            p0 = tl.exp2(s0 - m_safe[None, :])
+            p1 = tl.exp2(s1 - m_safe[None, :])
+            psum = p0 + p1
+            z0, acc0, acc1, acc2, acc3 = _lean_pv(p0, 0, t0, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
+                                                  D, R4, KPER, VPER, GV)
+            z1, acc0, acc1, acc2, acc3 = _lean_pv(p1, 1, t0, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
+                                                  D, R4, KPER, VPER, GV)
+            zsum = z0 + z1
             if KPER == 4:
-                p2 = tl.exp2(s2 - m_safe[:, None])
-                p3 = tl.exp2(s3 - m_safe[:, None])
-                ls += tl.sum(p2, axis=1) + tl.sum(p3, axis=1)
-                zacc, acc0, acc1, acc2, acc3 = _lean_pv(p2, 2, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr,
-                                                        vz_ptr, D, R4, KPER, VPER, GV)
-                zacc, acc0, acc1, acc2, acc3 = _lean_pv(p3, 3, t0, zacc, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr,
-                                                        vz_ptr, D, R4, KPER, VPER, GV)
-            l_i = l_i * alpha + ls
+                p2 = tl.exp2(s2 - m_safe[None, :])
+                p3 = tl.exp2(s3 - m_safe[None, :])
+                psum += p2 + p3
+                z2, acc0, acc1, acc2, acc3 = _lean_pv(p2, 2, t0, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
+                                                      D, R4, KPER, VPER, GV)
+                z3, acc0, acc1, acc2, acc3 = _lean_pv(p3, 3, t0, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
+                                                      D, R4, KPER, VPER, GV)
+                zsum += z2 + z3
+            l_i = l_i * alpha + tl.sum(psum, axis=0)
+            zacc = zacc * alpha + tl.sum(zsum, axis=0)
         if GV == D:  # accumulator i gathered products with field i
             acc0 *= _field_scale(0, VBITS)
             acc1 *= _field_scale(1, VBITS)
@@ -536,12 +543,20 @@ def _fp_view(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, 
     return t, t.stride(0), t.stride(1), t.stride(2)
 
 
-def lean_config(kc, vc, D: int) -> tuple[bool, int]:
-    """Whether quantized tiles take the lean path, and its tile size BN."""
-    bn = _tile_tokens(kc.group_size, LEAN_TILE)
+def lean_config(kc, vc, D: int, tokens: int = 0) -> tuple[bool, int]:
+    """Whether quantized tiles take the lean path, and its tile size BN (``tokens``: the quantized length
+    the launch is planned for)."""
+    long_2bit = kc.bits == 2 and not kc.boost_channels and tokens >= LONG_CONTEXT
+    bn = _tile_tokens(kc.group_size, LEAN_TILE or (128 if long_2bit else 64))
     ok = (kc.bits in (2, 4) and vc.bits == kc.bits and bn and bn // (8 // kc.bits) >= 16
           and D // (8 // vc.bits) >= 16 and (not kc.boost_channels or kc.boost_bits - kc.bits == kc.bits))
     return bool(ok), bn
+
+
+def lean_occupancy(kc, BN: int) -> tuple[int, int]:
+    """(register cap, 0 for none; programs per SM the splits are planned for) of the lean launch."""
+    cap, per_sm = (168, 12) if kc.boost_channels else (0, 8) if BN == 128 else (0, 16)
+    return (cap if LEAN_MAXNREG < 0 else LEAN_MAXNREG), (LEAN_PER_SM or per_sm)
 
 
 def kernel_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, key_codec=None,
@@ -578,28 +593,44 @@ def _tuning(name: str, default: int) -> int:
 
 
 # Launch shapes (measured on an H100 and an H200, docs/kernels.md; each overridable by environment variable):
-# * lean programs get one warp and 64-token tiles: every softmax reduction stays inside the warp and P
-#   feeds the second product from registers (with 4 warps, 49 barriers and shared-memory round trips per
-#   tile; H100 8x32K kivi-2: 162 us vs 282); uncapped, ptxas takes 254 registers with no spills, and caps
-#   of 224 / 168 were slower (H200 8x32K kivi-2: 148 / 180 us vs 139);
+# * lean programs get one warp: every softmax reduction stays inside the warp (with 4 warps, 49 barriers and
+#   shared-memory round trips per tile; H100 8x32K kivi-2: 162 us vs 282). Tiles of 64 tokens, or 128 for
+#   2-bit keys without boosted channels over LONG_CONTEXT or more quantized tokens (H200 kivi-2 8x32K: 108.9
+#   vs 116.4 us; 16x4K: 57.7 vs 53.4, hence only long contexts). Registers uncapped (ptxas: kivi-2 222,
+#   kivi-4 248, no spills), except with boosted channels: 168, 12 programs per SM planned (H200 kitty-pro
+#   8x32K 143.3 vs 162.0 us uncapped, 64x4K 206.9 vs 229.2); kivi-4 was slower with any cap tried;
 # * the generic part runs as a second launch of N_GENERIC 4-warp programs per (batch, KV head), each
 #   taking every N_GENERIC-th tile of each zone, registers capped at 168 (uncapped ~250: 2 programs/SM).
-LEAN_TILE = _tuning("KVLAB_LEAN_TILE", 64)
+LONG_CONTEXT = 16384
+LEAN_TILE = _tuning("KVLAB_LEAN_TILE", 0)  # 0: by the rule above
 LEAN_WARPS = _tuning("KVLAB_LEAN_WARPS", 1)
-LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", 0)  # 0: no cap
+LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", -1)  # -1: by the rule above, 0: no cap
+LEAN_PER_SM = _tuning("KVLAB_LEAN_PER_SM", 0)  # 0: by the rule above
 N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 4)
 MAXNREG = _tuning("KVLAB_MAXNREG", 168)
+CONCURRENT_GENERIC = _tuning("KVLAB_CONCURRENT_GENERIC", 1)  # generic launch on a side stream, beside the lean one
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SIDE_STREAMS:
+        _SIDE_STREAMS[idx] = torch.cuda.Stream(idx)
+    return _SIDE_STREAMS[idx]
 
 
 def _reg_cap(cap: int) -> dict:
     return {} if triton_interpreting() or not cap else {"maxnreg": cap}
 
 
-def plan_splits(n_lean: int, bh: int, sms: int) -> tuple[int, int]:
-    """(lean tiles per program, lean programs per (batch, KV head)): ~16 programs per SM, >= 4 tiles each."""
+def plan_splits(n_lean: int, bh: int, sms: int, per_sm: int = 16) -> tuple[int, int]:
+    """(lean tiles per program, lean programs per (batch, KV head)): at most ``per_sm`` programs per SM,
+    >= 4 tiles each."""
     if n_lean == 0:
         return 1, 0
-    want = max(1, -(-16 * sms // bh))
+    want = max(1, per_sm * sms // bh)
     tps = max(min(4, n_lean), -(-n_lean // want))
     return tps, -(-n_lean // tps)
 
@@ -673,17 +704,19 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     else:
         mask_u8, sm_b, sm_q = d8, 0, 0
 
-    lean, BN = lean_config(kc, vc, D)
     if static is None:
         S, Tk, Tv, Rk = lengths
+        lean, BN = lean_config(kc, vc, D, min(Tk, Tv))
         n_lean = min(Tk, Tv) // BN if lean else 0
         step, meta, KR, VR = d8, d8, 0, 0
         planned = n_lean
     else:
         S = Tk = Tv = Rk = n_lean = 0
         step, meta, KR, VR, capacity = static
+        lean, BN = lean_config(kc, vc, D, capacity)
         planned = capacity // BN if lean else 0
-    tps, n_split = plan_splits(planned, B * HKV, _num_sms(dev))
+    lean_cap, per_sm = lean_occupancy(kc, BN)
+    tps, n_split = plan_splits(planned, B * HKV, _num_sms(dev), per_sm)
     n_parts = n_split + N_GENERIC  # + the generic programs (sinks, boundary zone, tails)
     NR = n_rep * QLEN
     AP = 8 // vc.bits if lean else 1
@@ -704,15 +737,24 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         step, meta, KR, VR,
     )
     consts = dict(
-        HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(16, _pow2(NR)), D=D, BN=BN, BNG=_tile_tokens(kc.group_size),
+        HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(8, _pow2(NR)), D=D, BN=BN, BNG=_tile_tokens(kc.group_size),
         G=kc.group_size, KBITS=kc.bits, NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
         VBITS=vc.bits, GV=vc.group_size, AP=AP, LEAN=lean, HAS_MASK=mask is not None, DTYPE=_TL_DTYPE[dtype],
         META=static is not None, N_GENERIC=N_GENERIC, num_stages=3,
     )
+    # The generic programs are few and latency-bound: on a side stream (a parallel branch of a captured CUDA
+    # graph) they run beside the lean ones instead of after them.
+    side = _side_stream(dev) if n_split and CONCURRENT_GENERIC and dev.type == "cuda" else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        _decode_kernel[(N_GENERIC, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=4,
+                                             **_reg_cap(MAXNREG))
     if n_split:
         _decode_kernel[(n_split, B * HKV)](*args, **consts, ROLE=ROLE_LEAN.value, num_warps=LEAN_WARPS,
-                                           **_reg_cap(LEAN_MAXNREG))
-    _decode_kernel[(N_GENERIC, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=4, **_reg_cap(MAXNREG))
+                                           **_reg_cap(lean_cap))
+    if side is not None:
+        torch.cuda.current_stream(dev).wait_stream(side)
     return combine(pm, pl, pacc, B, HKV, n_rep, QLEN, D, n_parts, dtype)
 
 
