@@ -4,6 +4,8 @@ the generic launch (sinks, the key/value boundary zone, fp16 tails) and the merg
     python benchmarks/decode_parts.py [--methods kivi-2 kitty-pro] [--cases 16x4096 8x32768 64x4096]
 
 Llama-3.1-8B attention shapes as in benchmarks/attention.py; means over 10 calls after 3 warm-up calls.
+The generic launch runs on the current stream here, before the lean one (not beside it, as it does by
+default), so each time is that launch's alone.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from attention import DTYPE, HQ, D, filled_layer
 
 
 def launch_times(method: str, B: int, L: int, calls: int = 10) -> dict[str, float]:
-    from kvlab.kernels import fused_attend
+    from kvlab.kernels import decode_attention, fused_attend
 
+    decode_attention.CONCURRENT_GENERIC = 0
     layer = filled_layer(method, B, L)
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DTYPE)
     for _ in range(3):
@@ -28,11 +31,11 @@ def launch_times(method: str, B: int, L: int, calls: int = 10) -> dict[str, floa
             fused_attend(layer, q, None, D**-0.5)
         torch.cuda.synchronize()
     kernels = [(e.name, e.device_time) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    decode = [t for name, t in kernels if "_decode_kernel" in name]  # lean, generic, lean, generic, ...
+    decode = [t for name, t in kernels if "_decode_kernel" in name]  # generic, lean, generic, lean, ...
     if len(decode) != 2 * calls:
         raise RuntimeError(f"expected a lean and a generic launch per call, got {len(decode)} launches")
     merge = [t for name, t in kernels if "_combine_kernel" in name]
-    return {"lean_us": sum(decode[0::2]) / calls, "generic_us": sum(decode[1::2]) / calls,
+    return {"lean_us": sum(decode[1::2]) / calls, "generic_us": sum(decode[0::2]) / calls,
             "combine_us": sum(merge) / calls}
 
 
