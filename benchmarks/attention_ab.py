@@ -31,6 +31,8 @@ def parse_variant(spec: str) -> tuple[str, ModuleType, dict[str, int]]:
     name, _, path = head.partition("=")
     module = current
     if path:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--variant {spec}: no file {path}")
         loader_spec = importlib.util.spec_from_file_location(f"decode_attention_{name}", path)
         module = importlib.util.module_from_spec(loader_spec)
         loader_spec.loader.exec_module(module)
@@ -39,7 +41,10 @@ def parse_variant(spec: str) -> tuple[str, ModuleType, dict[str, int]]:
         key, _, value = item.partition("=")
         if not hasattr(module, key):
             raise SystemExit(f"--variant {spec}: the kernel module has no {key}")
-        values[key] = int(value)
+        try:
+            values[key] = int(value)
+        except ValueError:
+            raise SystemExit(f"--variant {spec}: {key} takes an integer, not {value!r}") from None
     return name, module, values
 
 

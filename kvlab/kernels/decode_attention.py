@@ -30,6 +30,7 @@ group.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -495,17 +496,26 @@ def _combine_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, n_parts, so_b, so_t, so_h
 
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_SM_COUNT: dict[int, int] = {}
 _DUMMIES: dict = {}
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return _sm_count(_cuda_index(device)) if device.type == "cuda" else 4
+
+
+@functools.cache
+def _side_stream(index: int) -> torch.cuda.Stream:
+    """One stream per GPU for the generic launch, beside the caller's stream."""
+    return torch.cuda.Stream(index)
 
 
 def _dummy(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -611,21 +621,11 @@ MAXNREG = _tuning("KVLAB_MAXNREG", 168)
 CONCURRENT_GENERIC = _tuning("KVLAB_CONCURRENT_GENERIC", 1)  # generic launch on a side stream, beside the lean one
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SIDE_STREAMS:
-        _SIDE_STREAMS[idx] = torch.cuda.Stream(idx)
-    return _SIDE_STREAMS[idx]
-
-
 def _reg_cap(cap: int) -> dict:
     return {} if triton_interpreting() or not cap else {"maxnreg": cap}
 
 
-def plan_splits(n_lean: int, bh: int, sms: int, per_sm: int = 16) -> tuple[int, int]:
+def plan_splits(n_lean: int, bh: int, sms: int, per_sm: int) -> tuple[int, int]:
     """(lean tiles per program, lean programs per (batch, KV head)): at most ``per_sm`` programs per SM,
     >= 4 tiles each."""
     if n_lean == 0:
@@ -744,7 +744,7 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     )
     # The generic programs are few and latency-bound: on a side stream (a parallel branch of a captured CUDA
     # graph) they run beside the lean ones instead of after them.
-    side = _side_stream(dev) if n_split and CONCURRENT_GENERIC and dev.type == "cuda" else None
+    side = _side_stream(_cuda_index(dev)) if n_split and CONCURRENT_GENERIC and dev.type == "cuda" else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
