@@ -43,7 +43,7 @@ def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, ou
                 "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "step_ptr": "*i32", "meta_ptr": "*i32"}
     consts = {"HKV": 8, "N_REP": 4, "QLEN": 1, "M_PAD": 8, "D": 128, "BN": tile, "BNG": 64, "G": 128, "KBITS": bits,
               "NB": boost, "NB_PAD": max(16, da._pow2(boost)), "HBITS": bits, "VBITS": bits, "GV": 128,
-              "AP": 8 // bits, "LEAN": True, "HAS_MASK": False, "DTYPE": tl.bfloat16, "META": False, "ROLE": role,
+              "LEAN": True, "HAS_MASK": False, "DTYPE": tl.bfloat16, "META": False, "ROLE": role,
               "N_GENERIC": 4}
     signature = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
                  for n in fn.arg_names}

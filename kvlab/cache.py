@@ -9,8 +9,10 @@ transformers' own implementation, and the cache says so once.
 
     [ sinks (fp16) | quantized keys / values (packed) | key tail / value tail (fp16) ]
 
-Keys are quantized in blocks of ``G`` tokens once the key tail exceeds ``R`` tokens; values
-token by token once the value tail exceeds ``R`` (KIVI's sliding window). Quantization is
+Keys are quantized in blocks of ``G`` tokens once the key tail exceeds ``R`` tokens; values once
+the value tail exceeds ``R`` by a block of ``block_tokens`` (16 at 2 bits; KIVI quantizes them token
+by token, so the value tail here holds up to ``block_tokens - 1`` more fp16 tokens than KIVI's
+sliding window, never fewer). Quantization is
 deferred to the start of the next ``update``, so the attention of the step that appends a
 token always sees that token in full precision, as in the Kitty and KIVI artifacts. Each
 token is quantized exactly once; ``update`` returns dequantized keys and values for the
@@ -294,7 +296,8 @@ class QuantizedLayer(StoredLayer):
         return self.key_codec.encode, self.value_codec.encode
 
     def _flush(self) -> None:
-        """Quantize what left the residual window: whole key blocks, single value tokens."""
+        """Quantize what left the residual window: whole key blocks of ``G`` tokens (enough to bring the key
+        tail back to <= R), whole value blocks of a few tokens (as many as keep the value tail >= R)."""
         encode_keys, encode_values = self._encoders()
         G = self.key_codec.group_size
         excess = 0 if self.key_tail is None else self.key_tail.shape[2] - self.residual
@@ -303,9 +306,10 @@ class QuantizedLayer(StoredLayer):
             self.key_store.append(encode_keys(self.key_tail[:, :, :n]), n)
             self.key_tail = self.key_tail[:, :, n:]
         excess = 0 if self.value_tail is None else self.value_tail.shape[2] - self.residual
-        if excess > 0:
-            self.value_store.append(encode_values(self.value_tail[:, :, :excess]), excess)
-            self.value_tail = self.value_tail[:, :, excess:]
+        n = max(0, excess) // self.value_codec.block_tokens * self.value_codec.block_tokens
+        if n:
+            self.value_store.append(encode_values(self.value_tail[:, :, :n]), n)
+            self.value_tail = self.value_tail[:, :, n:]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:

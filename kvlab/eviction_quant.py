@@ -3,7 +3,7 @@ tokens each head keeps, the quantization method stores them.
 
 The layer is the quantized cache (:class:`~kvlab.cache.QuantizedLayer`: fp16 sinks, quantized
 keys/values, fp16 residual tail) with eviction on top. After each attention pass, the tokens that
-left the residual window are quantized (whole key blocks, single value tokens, as in the plain
+left the residual window are quantized (whole key blocks and value blocks, as in the plain
 quantized layer), then the policy evicts; the quantization method's sinks and residual tail are
 always kept and count toward the budget, so every head has the same fp16/quantized split and only
 quantized tokens are ever evicted. Each token is quantized once; eviction gathers the codes of the
@@ -11,7 +11,8 @@ kept tokens, so the store holds codes of kept tokens only.
 
 Key codes are quantized per channel over blocks of G tokens. After eviction a block is ragged
 (each head keeps its own tokens of it), so the key store holds codes per token, packed along
-channels, with the index of the block whose scale/zero (and boosted channels) decode them.
+channels, with the index of the block whose scale/zero (and boosted channels) decode them. Value
+codes are per token anyway; their store repacks them along channels too, so eviction gathers tokens.
 """
 
 from __future__ import annotations
@@ -39,14 +40,29 @@ def _gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class TokenStore(PackedStore):
-    """Per-token fields (the value codec's): eviction gathers along dim 2."""
+    """Per-token fields: eviction gathers along dim 2."""
 
     def gather(self, idx: torch.Tensor) -> None:
         self.fields = {name: _gather_tokens(t, idx) for name, t in self.fields.items()}
         self.tokens = idx.shape[2]
 
+
+class ValueTokenStore(TokenStore):
+    """The value codec's fields with codes repacked per token (``codes [B, H, T, D * bits / 8]``)."""
+
+    def __init__(self, codec: ValueTokenCodec) -> None:
+        super().__init__()
+        self.codec = codec
+
+    def append(self, fields: Fields, tokens: int) -> None:
+        codes = _pack_channels(self.codec.codes(fields), self.codec.bits)
+        super().append({**fields, "codes": codes}, tokens)
+
     def decode(self, codec: ValueTokenCodec, dtype: torch.dtype) -> torch.Tensor:
-        return codec.decode(self.fields, dtype)
+        f = self.fields
+        B, H, T, NG = f["scale"].shape
+        codes = unpack(f["codes"], codec.bits, dim=3).reshape(B, H, T, NG, -1)
+        return dequantize(codes, f["scale"].unsqueeze(4), f["zero"].unsqueeze(4), dtype).reshape(B, H, T, -1)
 
 
 class RaggedKeyStore(TokenStore):
@@ -100,7 +116,7 @@ class QuantizedEvictionLayer(EvictionMixin, QuantizedLayer):
 
     def _clear(self) -> None:
         super()._clear()
-        self.key_store, self.value_store = RaggedKeyStore(self.key_codec), TokenStore()
+        self.key_store, self.value_store = RaggedKeyStore(self.key_codec), ValueTokenStore(self.value_codec)
         self._reset_eviction()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):

@@ -10,8 +10,8 @@ turns a prefilled :class:`~kvlab.cache.CompressedCache` into such a cache:
   ``meta [steps, 8]`` on the device (the columns ``META_*`` of :mod:`kvlab.kernels.decode_attention`);
   kernels read row ``step`` (a device counter that the step itself increments);
 * the schedule replays the reference cache's rule exactly: before a token is appended, a key
-  block of ``G`` tokens is quantized when the key tail exceeds ``residual``, one value token when
-  the value tail does. The quantized layer's codes, and so its attention, equal those of the
+  block of ``G`` tokens is quantized when the key tail exceeds ``residual``, a value block (the
+  value codec's ``block_tokens``) when the value tail exceeds it by a block. The quantized layer's codes, and so its attention, equal those of the
   dynamic :class:`~kvlab.cache.QuantizedLayer` fed the same tokens (tested).
 
 Supported layers: fused quantized layers (kivi, kivi*, kitty, kitty-pro on CUDA) and full-precision
@@ -30,7 +30,8 @@ from kvlab.kernels.decode_attention import META_COLS, kernel_unsupported, static
 from kvlab.kernels.static_cache import dense_append, dense_attend, static_update
 
 
-def quantized_schedule(S: int, Tk: int, Tv: int, Rk: int, residual: int, group: int, steps: int) -> list[list[int]]:
+def quantized_schedule(S: int, Tk: int, Tv: int, Rk: int, residual: int, group: int, value_block: int,
+                       steps: int) -> list[list[int]]:
     """Rows ``[S, Tk, Tv, Rk, key_flush, value_flush, 0, 0]`` of the decode steps after a settled prefill.
 
     ``Tk``/``Tv``: quantized key/value tokens (sinks excluded), ``Rk`` the key tail with the step's
@@ -42,9 +43,9 @@ def quantized_schedule(S: int, Tk: int, Tv: int, Rk: int, residual: int, group: 
         kf = int(Rk > residual)
         if kf:
             Tk, Rk = Tk + group, Rk - group
-        vf = int(Rv > residual)
+        vf = int(Rv - residual >= value_block)
         if vf:
-            Tv, Rv = Tv + 1, Rv - 1
+            Tv, Rv = Tv + value_block, Rv - value_block
         Rk, Rv = Rk + 1, Rv + 1
         rows.append([S, Tk, Tv, Rk, kf, vf, 0, 0])
     return rows
@@ -106,12 +107,13 @@ class _StaticLayer(CompressedLayer):
 
 class StaticQuantizedLayer(_StaticLayer, StoredLayer):
     def __init__(self, layer: QuantizedLayer, steps: int, step: torch.Tensor, valid: torch.Tensor | None):
-        layer._flush()  # what the next update would do first: tails <= residual from here on
+        layer._flush()  # what the next update would do first: key tail <= R, value tail < R + its block
         kc, G, R = layer.key_codec, layer.key_codec.group_size, layer.residual
         S = 0 if layer.sink_keys is None else layer.sink_keys.shape[2]
         Tk, Tv = layer.key_store.tokens, layer.value_store.tokens
         Rk = 0 if layer.key_tail is None else layer.key_tail.shape[2]
-        rows = quantized_schedule(S, Tk, Tv, Rk, R, G, steps)
+        VB = layer.value_codec.block_tokens
+        rows = quantized_schedule(S, Tk, Tv, Rk, R, G, VB, steps)
         needed = rows[-1][1] if rows else Tk
         if layer.key_store.capacity % G or needed > layer.key_store.capacity:
             raise ValueError(f"the cache's capacity {layer.key_store.capacity} must be a multiple of {G} covering "
@@ -122,12 +124,14 @@ class StaticQuantizedLayer(_StaticLayer, StoredLayer):
         self.key_store, self.value_store = layer.key_store, layer.value_store
         like = layer.key_tail if layer.key_tail is not None else layer.sink_keys
         B, H, _, D = like.shape
-        zeros = like.new_zeros(B, H, G, D)
+        zeros = like.new_zeros(B, H, max(G, VB), D)
         encode_keys, encode_values = layer._encoders()
-        self.key_store.allocate(encode_keys(zeros), G)  # no-ops where the prefill allocated them
-        self.value_store.allocate(encode_values(zeros[:, :, :1]), 1)
+        self.key_store.allocate(encode_keys(zeros[:, :, :G]), G)  # no-ops where the prefill allocated them
+        self.value_store.allocate(encode_values(zeros[:, :, :VB]), VB)
+        # Tails during attention: keys R + 2 - G .. R + 1 tokens, values R + 1 .. R + VB; a step's new token
+        # must not take the slot of a block it flushes.
         self.key_ring = like.new_zeros(B, H, R + G, D)
-        self.value_ring = like.new_zeros(B, H, R + G, D)
+        self.value_ring = like.new_zeros(B, H, R + G + VB, D)
         for ring, tail, first in ((self.key_ring, layer.key_tail, Tk), (self.value_ring, layer.value_tail, Tv)):
             if tail is not None and tail.shape[2]:
                 slots = (first + torch.arange(tail.shape[2], device=tail.device)) % ring.shape[2]

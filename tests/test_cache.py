@@ -19,11 +19,11 @@ def expected_view(k, v, length, before, S, R, G, kcodec, vcodec):
     """Reference: the dense sequence with fake quantization at the cache's token boundaries.
 
     Quantization is deferred to the start of an update, so what is quantized depends on the
-    length ``before`` the last update: keys in whole G-blocks until the tail is <= R, values
-    token by token until the tail is R.
+    length ``before`` the last update: keys in whole G-blocks until the tail is <= R, values in
+    whole blocks of the value codec while the tail stays >= R.
     """
     qk = max(0, math.ceil((before - S - R) / G)) * G
-    qv = max(0, before - S - R)
+    qv = max(0, before - S - R) // vcodec.block_tokens * vcodec.block_tokens
     fq_k = [kcodec.decode(kcodec.encode(k[:, :, s : s + G]), k.dtype) for s in range(S, S + qk, G)]
     fq_v = [vcodec.decode(vcodec.encode(v[:, :, S : S + qv]), v.dtype)] if qv else []
     s = min(S, length)

@@ -66,14 +66,26 @@ def test_key_codec_roundtrip_and_boost_selection():
     assert ((y.reshape_as(blocks) - blocks).abs() <= bound + 1e-6).all()
 
 
-def test_value_codec_roundtrip():
-    x = torch.randn(2, 2, 7, 64)
-    codec = ValueTokenCodec(bits=2, group_size=32)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_value_codec_roundtrip_and_layout(bits):
+    codec = ValueTokenCodec(bits=bits, group_size=32)
+    T = 3 * codec.block_tokens
+    x = torch.randn(2, 2, T, 64)
     fields = codec.encode(x)
-    assert fields["codes"].shape == (2, 2, 7, 16) and fields["scale"].shape == (2, 2, 7, 2)
+    assert fields["codes"].shape == (2, 2, 3, 4 * 64) and fields["scale"].shape == (2, 2, T, 2)
+    # byte row R = t // (8 // bits) of channel c lies at [R // 4, 4 c + R % 4], token t in bit field t % (8 // bits)
+    g = x.reshape(2, 2, T, 2, 32)
+    codes, _, _ = uniform.quantize(g, bits, dim=4)
+    codes = codes.reshape(2, 2, T, 64)
+    per = 8 // bits
+    t, c = torch.arange(T)[:, None], torch.arange(64)[None, :]
+    row = t // per
+    byte = fields["codes"][:, :, row // 4, 4 * c + row % 4]
+    assert torch.equal((byte.long() >> (bits * (t % per))) & ((1 << bits) - 1), codes.long())
     y = codec.decode(fields, torch.float32)
-    g = x.reshape(2, 2, 7, 2, 32)
-    assert ((y.reshape_as(g) - g).abs() <= uniform.max_roundtrip_error(g, 2, dim=4) + 1e-6).all()
+    assert ((y.reshape_as(g) - g).abs() <= uniform.max_roundtrip_error(g, bits, dim=4) + 1e-6).all()
+    with pytest.raises(ValueError, match="blocks of"):
+        codec.encode(x[:, :, :T - 1])
 
 
 def test_codec_nominal_bits_match_storage():

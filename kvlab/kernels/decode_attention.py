@@ -1,22 +1,24 @@
 """Flash-decoding attention over a :class:`~kvlab.cache.QuantizedLayer`, read in its packed form.
 
 A layer holds, per (batch row, KV head), ``[sinks | quantized | tail]`` for keys and for values,
-with different quantized lengths (keys in whole blocks of ``G``, values token by token, so
-``Tk >= Tv``). Two launches of one kernel (``ROLE``):
+with different quantized lengths (keys in whole blocks of ``G``, values in blocks of a few tokens,
+so ``Tk >= Tv``). Two launches of one kernel (``ROLE``):
 
-* one-warp lean programs stream tiles of ``BN`` tokens (at most 64, within one key group) whose keys
-  and values are both quantized. A tile is loaded once as packed bytes (``[BN / KPER, D]`` key
-  bytes, ``[BN, D / VPER]`` value bytes) and never re-interleaved: bit field ``j`` of every key
-  byte is a sub-tile of tokens ``KPER * r + j`` that feeds its own ``tl.dot``; bit field ``i`` of
-  every value byte is the channel sub-tile ``VPER * c + i`` with its own accumulator. Logits are
-  computed transposed, ``codes [tokens, D] @ (q * s)^T [D, rows]``: tokens on the MMA's M side
-  (16 per product) and the query rows on its N side, padded to 8 instead of 16, so padding rows
-  cost half the logit MMAs and half the softmax work; every reduction over tokens is taken once
-  per tile. Codes become fp16 bit fields in place (one AND per two codes, no shift or int->float
-  conversion), the key scale folds into the query (``q.k = (q * s).code + q.z``) and, when a
-  value group spans the head (G >= head_dim, the default), the value scale folds into ``p``
-  (``sum_t p_t (c_t s_t + z_t) = (p * s) . c + sum_t p_t z_t``), so nothing is dequantized
-  per element.
+* one-warp lean programs stream tiles of ``BN`` tokens (64, or 128 for long 2-bit contexts; within
+  one key group) whose keys and values are both quantized. Keys and values are both packed along
+  tokens (a byte holds ``PER`` consecutive tokens of one channel), so a tile is loaded once as
+  packed bytes (``[BN / PER, D]`` key bytes, ``[D, BN / PER]`` value bytes, whose four-row
+  interleave makes each 32-bit word one channel's next tokens) and never re-interleaved: bit field
+  ``j`` of every byte is the sub-tile of tokens ``PER * r + j``. Logits are computed transposed,
+  ``codes [tokens, D] @ (q * s)^T [D, rows]``: tokens on the MMA's M side (16 per product) and the
+  query rows on its N side, padded to 8 instead of 16; values are the A operand of ``values^T
+  [D, tokens] @ p^T [tokens, rows]``, channels on M, rows again on N. Padding rows cost half the
+  MMAs and half the softmax work, every reduction over tokens is taken once per tile, and one
+  accumulator ``[D, rows]`` serves every field. Codes become fp16 bit fields in place (one AND
+  per two codes, no shift or int->float conversion), the key scale folds into the query
+  (``q.k = (q * s).code + q.z``) and, when a value group spans the head (G >= head_dim, the
+  default), the value scale folds into ``p`` (``sum_t p_t (c_t s_t + z_t) = (p * s) . c + sum_t
+  p_t z_t``), so nothing is dequantized per element.
 * ``N_GENERIC`` programs per (batch row, KV head) handle the rest (sinks, the zone whose keys are
   quantized but values not yet, the fp16 tails; a few tiles) with simple gathers, in three
   straight loops (no data-dependent branch that yields tensors: Triton 3.6 miscompiled that
@@ -106,13 +108,13 @@ def _field_scale(J: tl.constexpr, BITS: tl.constexpr):
 # -- lean tiles -----------------------------------------------------------------------------
 
 @triton.jit
-def _lean_values(vb, tok, vs_ptr, vz_ptr, I: tl.constexpr, c, vpart,
-                 D: tl.constexpr, VPER: tl.constexpr, GV: tl.constexpr):
-    """Value sub-tile I (channels VPER * c + I; ``vpart``: its field) of tokens ``tok``, dequantized (GV < D path)."""
-    NG: tl.constexpr = D // GV
-    so = tok[:, None] * NG + ((VPER * c + I) // GV)[None, :]
-    codes = vpart.to(tl.float32) * _field_scale(I, 8 // VPER)
-    return (codes * tl.load(vs_ptr + so).to(tl.float32) + tl.load(vz_ptr + so).to(tl.float32)).to(tl.float16)
+def _exp2i(E: tl.constexpr):
+    """2^E for an integer constexpr E of either sign."""
+    if E >= 0:
+        x = (1 << E) * 1.0
+    else:
+        x = 1.0 / (1 << -E)
+    return x
 
 
 @triton.jit
@@ -131,38 +133,31 @@ def _lean_logits(kbytes, hbytes, J: tl.constexpr, t0, qsT, zq, qbT, mask_rows, S
 
 
 @triton.jit
-def _lean_pv(p, J: tl.constexpr, t0, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
-             D: tl.constexpr, R4: tl.constexpr, KPER: tl.constexpr, VPER: tl.constexpr, GV: tl.constexpr):
-    """Adds p times the values of sub-tile J (tokens t0 + KPER * r + J; p is [R4, M], tokens as rows) to the
-    accumulators [M, D / VPER], and returns the value zero term per token and row. With GV == D,
-    accumulator I gathers products with field I (the kernel scales them once at the end)."""
-    tok = t0 + KPER * tl.arange(0, R4) + J
-    c = tl.arange(0, D // VPER)
-    vb = tl.load(vc_ptr + tok[:, None] * (D // VPER) + c[None, :])
+def _lean_pv(p, J: tl.constexpr, t0, accT, vbT, vs_ptr, vz_ptr,
+             D: tl.constexpr, R4: tl.constexpr, VPER: tl.constexpr, GV: tl.constexpr):
+    """Adds the values of sub-tile J (tokens t0 + VPER * r + J: field J of the value bytes ``vbT [D, R4]``)
+    times ``p [R4, M]`` (tokens as rows) to ``accT [D, M]``, values as the MMA's A operand (channels on M,
+    tokens the reduction), and returns the value zero term per token and row.
+
+    With GV == D the token's scale folds into p, times 2^(E_J) with E_J = (8 - bits) / 2 - bits * J, which
+    turns field J (code * 2^(bits * J - 24)) into code * 2^((8 - bits) / 2 - 24) for every J: all fields
+    share one accumulator, scaled once at the end. The factors (8, 2, 1/2, 1/8 at 2 bits; 4, 1/4 at 4)
+    are centred on 1, so p * scale keeps clear of fp16's overflow and subnormals."""
     VBITS: tl.constexpr = 8 // VPER
-    v0 = _field(vb, 0, VBITS)
-    v1 = _field(vb, 1, VBITS)
-    if VPER == 4:
-        v2 = _field(vb, 2, VBITS)
-        v3 = _field(vb, 3, VBITS)
-    if GV == D:  # one value group per token: fold its scale into p, its zero into a row sum
-        vsc = tl.load(vs_ptr + tok).to(tl.float32)
+    tok = t0 + VPER * tl.arange(0, R4) + J
+    v = _field(vbT, J, VBITS)
+    if GV == D:
+        w = tl.load(vs_ptr + tok).to(tl.float32) * _exp2i((8 - VBITS) // 2 - VBITS * J)
         pz = p * tl.load(vz_ptr + tok).to(tl.float32)[:, None]
-        pv = tl.trans((p * vsc[:, None]).to(tl.float16))
-    else:
+        pv = (p * w[:, None]).to(tl.float16)
+    else:  # several value groups per token: dequantize (fp32 math, fp16 operand)
         pz = tl.zeros_like(p)
-        pv = tl.trans(p.to(tl.float16))
-        v0 = _lean_values(vb, tok, vs_ptr, vz_ptr, 0, c, v0, D, VPER, GV)
-        v1 = _lean_values(vb, tok, vs_ptr, vz_ptr, 1, c, v1, D, VPER, GV)
-        if VPER == 4:
-            v2 = _lean_values(vb, tok, vs_ptr, vz_ptr, 2, c, v2, D, VPER, GV)
-            v3 = _lean_values(vb, tok, vs_ptr, vz_ptr, 3, c, v3, D, VPER, GV)
-    acc0 += safe_dot(pv, v0)
-    acc1 += safe_dot(pv, v1)
-    if VPER == 4:
-        acc2 += safe_dot(pv, v2)
-        acc3 += safe_dot(pv, v3)
-    return pz, acc0, acc1, acc2, acc3
+        pv = p.to(tl.float16)
+        so = tok[None, :] * (D // GV) + (tl.arange(0, D) // GV)[:, None]
+        codes = v.to(tl.float32) * _field_scale(J, VBITS)
+        v = (codes * tl.load(vs_ptr + so).to(tl.float32) + tl.load(vz_ptr + so).to(tl.float32)).to(tl.float16)
+    accT += safe_dot(v, pv)
+    return pz, accT
 
 
 # -- generic tiles (sinks, key/value boundary zone, tails) ----------------------------------
@@ -203,14 +198,15 @@ def _fp_key_logits(q, base, rows, ok, st, D: tl.constexpr, DTYPE: tl.constexpr, 
 
 
 @triton.jit
-def _gen_values(I: tl.constexpr, AP: tl.constexpr, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows, okf, fst,
+def _gen_values(tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows, okf, fst,
                 D: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr):
-    """Values of channels AP * c + I: quantized ones (rows tq where okq) or fp16 ones (fp_rows where okf)."""
-    ch = AP * tl.arange(0, D // AP) + I
+    """Values ``[tokens, D]``: quantized ones (tokens tq where okq) or fp16 ones (fp_rows where okf)."""
+    ch = tl.arange(0, D)
     VPER: tl.constexpr = 8 // VBITS
     NG: tl.constexpr = D // GV
-    byte = tl.load(vc_ptr + tq[:, None] * (D // VPER) + (ch // VPER)[None, :], mask=okq[:, None], other=0)
-    codes = (byte.to(tl.int32) >> ((ch % VPER) * VBITS)[None, :]) & ((1 << VBITS) - 1)
+    row = tq // VPER  # byte row of the codes; four of them interleave per channel (ValueTokenCodec)
+    byte = tl.load(vc_ptr + ((row // 4) * (4 * D) + row % 4)[:, None] + 4 * ch[None, :], mask=okq[:, None], other=0)
+    codes = (byte.to(tl.int32) >> ((tq % VPER) * VBITS)[:, None]) & ((1 << VBITS) - 1)
     so = tq[:, None] * NG + (ch // GV)[None, :]
     sc = tl.load(vs_ptr + so, mask=okq[:, None], other=0.0).to(tl.float32)
     z = tl.load(vz_ptr + so, mask=okq[:, None], other=0.0).to(tl.float32)
@@ -227,27 +223,17 @@ def _padding_keep(keep, mask_rows, pos, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _gen_step(s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, tq, okq, vc_ptr, vs_ptr, vz_ptr,
-              fp_ptr, fp_rows, okf, fst, AP: tl.constexpr, D: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr):
+def _gen_step(s, keep, m_i, l_i, acc, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows, okf, fst,
+              D: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr):
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    zacc = zacc * alpha
-    p16 = p.to(tl.float16)
-    acc0 = acc0 * alpha[:, None] + safe_dot(p16, _gen_values(0, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows,
-                                                         okf, fst, D, VBITS, GV))
-    if AP >= 2:
-        acc1 = acc1 * alpha[:, None] + safe_dot(p16, _gen_values(1, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
-                                                             fp_rows, okf, fst, D, VBITS, GV))
-    if AP >= 4:
-        acc2 = acc2 * alpha[:, None] + safe_dot(p16, _gen_values(2, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
-                                                             fp_rows, okf, fst, D, VBITS, GV))
-        acc3 = acc3 * alpha[:, None] + safe_dot(p16, _gen_values(3, AP, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
-                                                             fp_rows, okf, fst, D, VBITS, GV))
-    return m_new, l_i, zacc, acc0, acc1, acc2, acc3
+    values = _gen_values(tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows, okf, fst, D, VBITS, GV)
+    acc = acc * alpha[:, None] + safe_dot(p.to(tl.float16), values)
+    return m_new, l_i, acc
 
 
 _INT_ARGS = [
@@ -258,7 +244,7 @@ _INT_ARGS = [
 ]
 
 # Columns of a static cache's per-step schedule (kvlab.static): sinks, quantized keys, quantized
-# values, key tail length (new token included), and whether this step flushes a key block / a value token.
+# values, key tail length (new token included), and whether this step flushes a key block / a value block.
 META_S, META_TK, META_TV, META_RK, META_KF, META_VF = range(6)
 META_COLS = 8
 
@@ -279,7 +265,7 @@ def _decode_kernel(
     step_ptr, meta_ptr, KR, VR,
     HKV: tl.constexpr, N_REP: tl.constexpr, QLEN: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
     BN: tl.constexpr, BNG: tl.constexpr, G: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr,
-    NB_PAD: tl.constexpr, HBITS: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr, AP: tl.constexpr,
+    NB_PAD: tl.constexpr, HBITS: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr,
     LEAN: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr, META: tl.constexpr, ROLE: tl.constexpr,
     N_GENERIC: tl.constexpr,
 ):
@@ -330,11 +316,8 @@ def _decode_kernel(
 
     m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((M_PAD,), tl.float32)
-    zacc = tl.zeros((M_PAD,), tl.float32)
-    acc0 = tl.zeros((M_PAD, D // AP), tl.float32)
-    acc1 = tl.zeros((M_PAD, D // AP), tl.float32)
-    acc2 = tl.zeros((M_PAD, D // AP), tl.float32)
-    acc3 = tl.zeros((M_PAD, D // AP), tl.float32)
+    zacc = tl.zeros((M_PAD,), tl.float32)  # value zero terms, lean tiles (generic ones dequantize)
+    acc = tl.zeros((M_PAD, D), tl.float32)
 
     # Lean program i streams lean tiles [i * TPS, (i + 1) * TPS); generic programs write parts n_split + gi.
     if ROLE == ROLE_LEAN:
@@ -344,6 +327,7 @@ def _decode_kernel(
         VPER: tl.constexpr = 8 // VBITS
         R4: tl.constexpr = BN // KPER
         r = tl.arange(0, R4)
+        accT = tl.zeros((D, M_PAD), tl.float32)  # values are the A operand: channels on M, rows on N
         kb = tl.arange(0, NB_PAD)
         kb_ok = kb < NB
         for j in range(v0, v1):
@@ -354,6 +338,8 @@ def _decode_kernel(
             qsT = tl.trans((qf * kscale[None, :]).to(tl.float16))
             zq = tl.sum(qf * kzero[None, :], axis=1)
             kbytes = tl.load(lo_ptr + (t0 // KPER + r)[:, None] * D + d[None, :])  # [R4, D]
+            # value byte rows t0 / VPER + r, four interleaved per channel (ValueTokenCodec): [D, R4]
+            vbT = tl.load(vc_ptr + ((t0 // (4 * VPER) + r // 4) * (4 * D) + r % 4)[None, :] + 4 * d[:, None])
             qbT = qsT  # placeholders when there is no boost
             hbytes = kbytes
             if NB > 0:
@@ -375,35 +361,25 @@ def _decode_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
             alpha = tl.exp2(m_i - m_safe)
             m_i = m_new
-            acc0 = acc0 * alpha[:, None]
-            acc1 = acc1 * alpha[:, None]
-            acc2 = acc2 * alpha[:, None]
-            acc3 = acc3 * alpha[:, None]
+            accT = accT * alpha[None, :]
             p0 = tl.exp2(s0 - m_safe[None, :])
             p1 = tl.exp2(s1 - m_safe[None, :])
             psum = p0 + p1
-            z0, acc0, acc1, acc2, acc3 = _lean_pv(p0, 0, t0, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
-                                                  D, R4, KPER, VPER, GV)
-            z1, acc0, acc1, acc2, acc3 = _lean_pv(p1, 1, t0, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
-                                                  D, R4, KPER, VPER, GV)
+            z0, accT = _lean_pv(p0, 0, t0, accT, vbT, vs_ptr, vz_ptr, D, R4, VPER, GV)
+            z1, accT = _lean_pv(p1, 1, t0, accT, vbT, vs_ptr, vz_ptr, D, R4, VPER, GV)
             zsum = z0 + z1
             if KPER == 4:
                 p2 = tl.exp2(s2 - m_safe[None, :])
                 p3 = tl.exp2(s3 - m_safe[None, :])
                 psum += p2 + p3
-                z2, acc0, acc1, acc2, acc3 = _lean_pv(p2, 2, t0, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
-                                                      D, R4, KPER, VPER, GV)
-                z3, acc0, acc1, acc2, acc3 = _lean_pv(p3, 3, t0, acc0, acc1, acc2, acc3, vc_ptr, vs_ptr, vz_ptr,
-                                                      D, R4, KPER, VPER, GV)
+                z2, accT = _lean_pv(p2, 2, t0, accT, vbT, vs_ptr, vz_ptr, D, R4, VPER, GV)
+                z3, accT = _lean_pv(p3, 3, t0, accT, vbT, vs_ptr, vz_ptr, D, R4, VPER, GV)
                 zsum += z2 + z3
             l_i = l_i * alpha + tl.sum(psum, axis=0)
             zacc = zacc * alpha + tl.sum(zsum, axis=0)
-        if GV == D:  # accumulator i gathered products with field i
-            acc0 *= _field_scale(0, VBITS)
-            acc1 *= _field_scale(1, VBITS)
-            if VPER == 4:
-                acc2 *= _field_scale(2, VBITS)
-                acc3 *= _field_scale(3, VBITS)
+        if GV == D:  # p carried 2^(E_J) per field (_lean_pv)
+            accT *= _exp2i(24 - (8 - VBITS) // 2)
+        acc = tl.trans(accT)
 
     # Generic programs: straight loops over sink tiles, boundary tiles (quantized keys, values
     # quantized or not) and tail tiles.
@@ -417,9 +393,9 @@ def _decode_kernel(
             s = _fp_key_logits(q, sk_ptr, pos, ok, skt, D, DTYPE, qk_scale)
             keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
             keep = _padding_keep(keep, mask_rows, pos, HAS_MASK)
-            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
-                s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, pos, pos < 0, vc_ptr, vs_ptr, vz_ptr,
-                sv_ptr, pos, ok, svt, AP, D, VBITS, GV)
+            m_i, l_i, acc = _gen_step(
+                s, keep, m_i, l_i, acc, pos, pos < 0, vc_ptr, vs_ptr, vz_ptr,
+                sv_ptr, pos, ok, svt, D, VBITS, GV)
         t_start = n_lean * BN
         for g in range(gi, (Tk - t_start) // BNG, N_GENERIC):
             t = t_start + g * BNG + offs
@@ -431,9 +407,9 @@ def _decode_kernel(
             vrow = t - Tv
             if META:
                 vrow = t % VR
-            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
-                s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < Tv, vc_ptr, vs_ptr, vz_ptr,
-                vt_ptr, vrow, t >= Tv, vtt, AP, D, VBITS, GV)
+            m_i, l_i, acc = _gen_step(
+                s, keep, m_i, l_i, acc, t, t < Tv, vc_ptr, vs_ptr, vz_ptr,
+                vt_ptr, vrow, t >= Tv, vtt, D, VBITS, GV)
         for g in range(gi, tl.cdiv(Rk, BNG), N_GENERIC):
             t = Tk + g * BNG + offs  # keys and values both from the tails here (Tk >= Tv)
             pos = S + t
@@ -446,23 +422,15 @@ def _decode_kernel(
             s = _fp_key_logits(q, kt_ptr, krow, ok, ktt, D, DTYPE, qk_scale)
             keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
             keep = _padding_keep(keep, mask_rows, pos, HAS_MASK)
-            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _gen_step(
-                s, keep, m_i, l_i, zacc, acc0, acc1, acc2, acc3, t, t < 0, vc_ptr, vs_ptr, vz_ptr,
-                vt_ptr, vrow, ok, vtt, AP, D, VBITS, GV)
+            m_i, l_i, acc = _gen_step(
+                s, keep, m_i, l_i, acc, t, t < 0, vc_ptr, vs_ptr, vz_ptr,
+                vt_ptr, vrow, ok, vtt, D, VBITS, GV)
 
     # Partials of the real rows only: [B * HKV, n_parts, NR] m, l and [.., NR, D] acc.
     part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
     tl.store(pm_ptr + part + rows, m_i, mask=row_ok)
     tl.store(pl_ptr + part + rows, l_i, mask=row_ok)
-    c = tl.arange(0, D // AP)
-    dst = pacc_ptr + (part + rows)[:, None] * D + AP * c[None, :]
-    zt = zacc[:, None]
-    tl.store(dst, acc0 + zt, mask=row_ok[:, None])
-    if AP >= 2:
-        tl.store(dst + 1, acc1 + zt, mask=row_ok[:, None])
-    if AP >= 4:
-        tl.store(dst + 2, acc2 + zt, mask=row_ok[:, None])
-        tl.store(dst + 3, acc3 + zt, mask=row_ok[:, None])
+    tl.store(pacc_ptr + (part + rows)[:, None] * D + d[None, :], acc + zacc[:, None], mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["n_parts", "so_b", "so_t", "so_h"])
@@ -553,13 +521,13 @@ def _fp_view(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, 
     return t, t.stride(0), t.stride(1), t.stride(2)
 
 
-def lean_config(kc, vc, D: int, tokens: int = 0) -> tuple[bool, int]:
+def lean_config(kc, vc, tokens: int = 0) -> tuple[bool, int]:
     """Whether quantized tiles take the lean path, and its tile size BN (``tokens``: the quantized length
     the launch is planned for)."""
     long_2bit = kc.bits == 2 and not kc.boost_channels and tokens >= LONG_CONTEXT
     bn = _tile_tokens(kc.group_size, LEAN_TILE or (128 if long_2bit else 64))
     ok = (kc.bits in (2, 4) and vc.bits == kc.bits and bn and bn // (8 // kc.bits) >= 16
-          and D // (8 // vc.bits) >= 16 and (not kc.boost_channels or kc.boost_bits - kc.bits == kc.bits))
+          and (not kc.boost_channels or kc.boost_bits - kc.bits == kc.bits))
     return bool(ok), bn
 
 
@@ -706,20 +674,19 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
 
     if static is None:
         S, Tk, Tv, Rk = lengths
-        lean, BN = lean_config(kc, vc, D, min(Tk, Tv))
+        lean, BN = lean_config(kc, vc, min(Tk, Tv))
         n_lean = min(Tk, Tv) // BN if lean else 0
         step, meta, KR, VR = d8, d8, 0, 0
         planned = n_lean
     else:
         S = Tk = Tv = Rk = n_lean = 0
         step, meta, KR, VR, capacity = static
-        lean, BN = lean_config(kc, vc, D, capacity)
+        lean, BN = lean_config(kc, vc, capacity)
         planned = capacity // BN if lean else 0
     lean_cap, per_sm = lean_occupancy(kc, BN)
     tps, n_split = plan_splits(planned, B * HKV, _num_sms(dev), per_sm)
     n_parts = n_split + N_GENERIC  # + the generic programs (sinks, boundary zone, tails)
     NR = n_rep * QLEN
-    AP = 8 // vc.bits if lean else 1
     pm = torch.empty(B * HKV * n_parts * NR, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty(B * HKV * n_parts * NR, D, dtype=torch.float32, device=dev)
@@ -739,7 +706,7 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     consts = dict(
         HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(8, _pow2(NR)), D=D, BN=BN, BNG=_tile_tokens(kc.group_size),
         G=kc.group_size, KBITS=kc.bits, NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
-        VBITS=vc.bits, GV=vc.group_size, AP=AP, LEAN=lean, HAS_MASK=mask is not None, DTYPE=_TL_DTYPE[dtype],
+        VBITS=vc.bits, GV=vc.group_size, LEAN=lean, HAS_MASK=mask is not None, DTYPE=_TL_DTYPE[dtype],
         META=static is not None, N_GENERIC=N_GENERIC, num_stages=3,
     )
     # The generic programs are few and latency-bound: on a side stream (a parallel branch of a captured CUDA

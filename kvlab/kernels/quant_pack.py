@@ -4,7 +4,8 @@ Keys: one program per (block of ``G`` tokens, batch row x head) reduces min/max 
 ranks channels by sum |k| over the block for Kitty's boost (top ``NB`` become
 ``boost_bits`` wide), and writes ``lo`` / ``hi`` bit planes packed along tokens, fp16
 scale/zero and the sorted boosted-channel indices. Values: one program per (``BT`` tokens,
-batch row x head) quantizes per-token groups of ``GV`` channels and packs along channels.
+batch row x head) quantizes per-token groups of ``GV`` channels and packs along tokens, four
+byte rows interleaved per channel (``ValueTokenCodec``).
 
 The arithmetic mirrors :mod:`kvlab.quant.uniform` step by step (fp32, IEEE division,
 round half to even, fp16 scale and zero), so codes, scales and zeros are bit-identical with
@@ -56,16 +57,6 @@ def _pack_rows(codes, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr
 
 
 @triton.jit
-def _pack_cols(codes, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    PER: tl.constexpr = 8 // BITS
-    if PER == 1:
-        return codes.to(tl.uint8)
-    shifts = tl.arange(0, PER) * BITS
-    c = tl.reshape(codes, (ROWS, COLS // PER, PER))
-    return tl.sum(c << shifts[None, None, :], axis=2).to(tl.uint8)
-
-
-@triton.jit
 def _key_block(x, d, BITS: tl.constexpr, NB: tl.constexpr, HBITS: tl.constexpr, DC: tl.constexpr):
     """Codes, fp16 scale/zero per channel, and the boosted-channel flags of one key block ``x [G, DC]``."""
     levels = tl.full((DC,), (1 << BITS) - 1, tl.float32)
@@ -102,26 +93,30 @@ def _store_key_block(blk, codes, scale, zero, boosted, d, lo_ptr, s_ptr, z_ptr, 
 
 
 @triton.jit
-def _value_rows(x, BT: tl.constexpr, D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr):
-    """Per-token groups of ``GV`` channels of ``x [BT, D]``: packed codes ``[BT, D * BITS / 8]``, scale/zero ``[BT, D / GV]``."""
+def _value_codes(x, BT: tl.constexpr, D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr):
+    """Per-token groups of ``GV`` channels of ``x [BT, D]``: codes ``[BT, D]``, scale/zero ``[BT, D / GV]``."""
     NG: tl.constexpr = D // GV
     x = tl.reshape(x.to(tl.float32), (BT, NG, GV))
     codes, scale, zero = _codes(x, tl.min(x, axis=2)[:, :, None], tl.max(x, axis=2)[:, :, None],
                                 tl.full((1, 1, 1), (1 << BITS) - 1, tl.float32))
-    packed = _pack_cols(tl.reshape(codes, (BT, D)), BITS, BT, D)
-    return packed, tl.reshape(scale, (BT, NG)), tl.reshape(zero, (BT, NG))
+    return tl.reshape(codes, (BT, D)), tl.reshape(scale, (BT, NG)), tl.reshape(zero, (BT, NG))
 
 
 @triton.jit
-def _store_value_rows(row, ok, packed, scale, zero, c_ptr, s_ptr, z_ptr, D: tl.constexpr, GV: tl.constexpr,
-                      BITS: tl.constexpr):
-    """Writes value rows ``row [BT]`` (token rows of contiguous storage) where ``ok``."""
+def _store_value_tokens(t0, end, codes, scale, zero, c_ptr, s_ptr, z_ptr, D: tl.constexpr, GV: tl.constexpr,
+                        BITS: tl.constexpr, BT: tl.constexpr):
+    """Writes tokens ``t0 .. t0 + BT - 1`` below ``end`` (both multiples of the codec's block) into one (batch,
+    head)'s fields: codes packed along tokens, byte row ``R`` of channel ``c`` at ``(R // 4) * 4 D + 4 c + R % 4``."""
     NG: tl.constexpr = D // GV
+    t = t0 + tl.arange(0, BT)
     g = tl.arange(0, NG)
-    tl.store(s_ptr + row[:, None] * NG + g[None, :], scale, mask=ok[:, None])
-    tl.store(z_ptr + row[:, None] * NG + g[None, :], zero, mask=ok[:, None])
-    cols = tl.arange(0, D * BITS // 8)
-    tl.store(c_ptr + row[:, None] * (D * BITS // 8) + cols[None, :], packed, mask=ok[:, None])
+    tl.store(s_ptr + t[:, None] * NG + g[None, :], scale, mask=(t < end)[:, None])
+    tl.store(z_ptr + t[:, None] * NG + g[None, :], zero, mask=(t < end)[:, None])
+    PER: tl.constexpr = 8 // BITS
+    row = t0 // PER + tl.arange(0, BT // PER)
+    c = tl.arange(0, D)
+    tl.store(c_ptr + ((row // 4) * (4 * D) + row % 4)[:, None] + 4 * c[None, :], _pack_rows(codes, BITS, BT, D),
+             mask=(row * PER < end)[:, None])
 
 
 @triton.jit(do_not_specialize=["sxb", "sxh", "sxt", "n_blocks"])
@@ -147,12 +142,13 @@ def _quant_values_kernel(x_ptr, sxb, sxh, sxt, c_ptr, s_ptr, z_ptr, T,
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    ok = t < T
+    t0 = tl.program_id(0) * BT
+    t = t0 + tl.arange(0, BT)
     d = tl.arange(0, D)
-    x = tl.load(x_ptr + b * sxb + h * sxh + t[:, None] * sxt + d[None, :], mask=ok[:, None], other=0.0)
-    packed, scale, zero = _value_rows(x, BT, D, GV, BITS)
-    _store_value_rows(bh * T + t, ok, packed, scale, zero, c_ptr, s_ptr, z_ptr, D, GV, BITS)
+    x = tl.load(x_ptr + b * sxb + h * sxh + t[:, None] * sxt + d[None, :], mask=(t < T)[:, None], other=0.0)
+    codes, scale, zero = _value_codes(x, BT, D, GV, BITS)
+    _store_value_tokens(t0, T, codes, scale, zero, c_ptr + bh * T * D * BITS // 8, s_ptr + bh * T * (D // GV),
+                        z_ptr + bh * T * (D // GV), D, GV, BITS, BT)
 
 
 def _is_pow2(n: int) -> bool:
@@ -194,20 +190,20 @@ def quantize_pack_keys(codec: KeyChannelCodec, x: torch.Tensor) -> Fields:
 
 
 def quantize_pack_values(codec: ValueTokenCodec, x: torch.Tensor) -> Fields:
-    """``ValueTokenCodec.encode`` in one kernel: ``x [B, H, T, D]``, any ``T``."""
+    """``ValueTokenCodec.encode`` in one kernel: ``x [B, H, T, D]``, ``T`` a multiple of the codec's block."""
     B, H, T, D = x.shape
     GV = codec.group_size
-    if not (_usable(x) and _is_pow2(GV)) or D % GV:
+    if not (_usable(x) and _is_pow2(GV)) or D % GV or T % codec.block_tokens:
         return codec.encode(x)
     kw = dict(device=x.device)
     fields: Fields = {
-        "codes": torch.empty(B, H, T, D * codec.bits // 8, dtype=torch.uint8, **kw),
+        "codes": torch.empty(B, H, T // codec.block_tokens, 4 * D, dtype=torch.uint8, **kw),
         "scale": torch.empty(B, H, T, D // GV, dtype=torch.float16, **kw),
         "zero": torch.empty(B, H, T, D // GV, dtype=torch.float16, **kw),
     }
     if T == 0:
         return fields
-    BT = 16
+    BT = max(16, codec.block_tokens)
     _quant_values_kernel[(triton.cdiv(T, BT), B * H)](
         x, x.stride(0), x.stride(1), x.stride(2), fields["codes"], fields["scale"], fields["zero"], T,
         H=H, BT=BT, D=D, GV=GV, BITS=codec.bits, num_warps=4,

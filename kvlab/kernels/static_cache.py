@@ -5,7 +5,7 @@ Every length comes from the device: row ``*step`` of a layer's schedule ``meta``
 
 * :func:`static_update` (quantized layers): one program per (batch row, KV head) quantizes the
   key block that leaves the tail this step (if any) into the preallocated key store, the value
-  token that leaves the value tail (if any) into the value store, and writes the new token's
+  block that leaves the value tail (if any) into the value store, and writes the new token's
   key and value into the tail rings. Same arithmetic as :mod:`.quant_pack` (bit-identical codes).
 * :func:`dense_append`: the new token into a dense ``[B, H, capacity, D]`` buffer at row ``L - 1``.
 * :func:`dense_attend`: flash-decoding over the first ``L`` rows of dense buffers, GQA-aware,
@@ -28,7 +28,7 @@ from kvlab.kernels.decode_attention import (
     combine,
     safe_dot,
 )
-from kvlab.kernels.quant_pack import _key_block, _store_key_block, _store_value_rows, _value_rows
+from kvlab.kernels.quant_pack import _key_block, _store_key_block, _store_value_tokens, _value_codes
 
 
 @triton.jit
@@ -37,12 +37,12 @@ def _meta_row(step_ptr, meta_ptr):
     return tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
 
 
-@triton.jit(do_not_specialize=["snb", "snh", "svb", "svh", "KR", "VR", "kblocks", "vrows"])
+@triton.jit(do_not_specialize=["snb", "snh", "svb", "svh", "KR", "VR", "kblocks", "vc_bh", "vs_bh"])
 def _static_update_kernel(kn_ptr, vn_ptr, snb, snh, svb, svh, kring, vring, KR, VR,
-                          lo_ptr, ks_ptr, kz_ptr, hi_ptr, idx_ptr, kblocks, vc_ptr, vs_ptr, vz_ptr, vrows,
+                          lo_ptr, ks_ptr, kz_ptr, hi_ptr, idx_ptr, kblocks, vc_ptr, vs_ptr, vz_ptr, vc_bh, vs_bh,
                           step_ptr, meta_ptr,
                           H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr,
-                          HBITS: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr, BT: tl.constexpr):
+                          HBITS: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr, VB: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -58,14 +58,13 @@ def _static_update_kernel(kn_ptr, vn_ptr, snb, snh, svb, svh, kring, vring, KR, 
         codes, scale, zero, boosted = _key_block(x, d, BITS, NB, HBITS, D)
         _store_key_block(bh * kblocks + (Tk - G) // G, codes, scale, zero, boosted, d, lo_ptr, ks_ptr, kz_ptr,
                          hi_ptr, idx_ptr, d >= 0, G, D, D, BITS, NB, HBITS)
-    # The value token that left the value tail: token Tv - 1 (row 0 of a BT-row tile).
+    # The value block that left the value tail (tokens Tv - VB .. Tv - 1), once every VB steps.
     if vf != 0:
-        r = tl.arange(0, BT)
-        tv = Tv - 1 + r
-        vok = r == 0
-        xv = tl.load(vring + (tv % VR)[:, None] * D + d[None, :], mask=vok[:, None], other=0.0)
-        packed, vscale, vzero = _value_rows(xv, BT, D, GV, VBITS)
-        _store_value_rows(bh * vrows + tv, vok, packed, vscale, vzero, vc_ptr, vs_ptr, vz_ptr, D, GV, VBITS)
+        tv = Tv - VB + tl.arange(0, VB)
+        xv = tl.load(vring + (tv % VR)[:, None] * D + d[None, :])
+        codes, vscale, vzero = _value_codes(xv, VB, D, GV, VBITS)
+        _store_value_tokens(Tv - VB, Tv, codes, vscale, vzero, vc_ptr + bh * vc_bh, vs_ptr + bh * vs_bh,
+                            vz_ptr + bh * vs_bh, D, GV, VBITS, VB)
     # The new token (last of the key tail) into both rings; its slot differs from the flushed ones.
     tn = Tk + Rk - 1
     tl.store(kring + (tn % KR) * D + d, tl.load(kn_ptr + b * snb + h * snh + d))
@@ -82,10 +81,10 @@ def static_update(layer, key: torch.Tensor, value: torch.Tensor, step: torch.Ten
         key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         layer.key_ring, layer.value_ring, layer.key_ring.shape[2], layer.value_ring.shape[2],
         kf["lo"], kf["scale"], kf["zero"], kf.get("hi", kf["lo"]), kf.get("idx", kf["lo"]), kf["scale"].shape[2],
-        vf["codes"], vf["scale"], vf["zero"], vf["codes"].shape[2],
+        vf["codes"], vf["scale"], vf["zero"], vf["codes"][0, 0].numel(), vf["scale"][0, 0].numel(),
         step, meta,
         H=H, G=kc.group_size, D=D, BITS=kc.bits, NB=NB, HBITS=max(1, kc.boost_bits - kc.bits), VBITS=vc.bits,
-        GV=vc.group_size, BT=16, num_warps=8 if kc.group_size * D >= 8192 else 4,
+        GV=vc.group_size, VB=vc.block_tokens, num_warps=8 if kc.group_size * D >= 8192 else 4,
     )
 
 

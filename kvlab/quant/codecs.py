@@ -3,7 +3,7 @@
 A codec turns ``x: [B, H, T, D]`` into a dict of tensors whose dim 2 grows with ``T`` (so
 stores can append along it) and decodes them back. ``KeyChannelCodec`` is KIVI's per-channel
 key quantizer over blocks of ``G`` tokens, with Kitty's channel boost; ``ValueTokenCodec`` is
-KIVI's per-token value quantizer over groups of channels.
+KIVI's per-token value quantizer over groups of channels, in blocks of a few tokens.
 """
 
 from __future__ import annotations
@@ -77,23 +77,46 @@ class KeyChannelCodec:
 
 @dataclass(frozen=True)
 class ValueTokenCodec:
-    """Per-token quantization over groups of ``group_size`` consecutive channels."""
+    """Per-token quantization over groups of ``group_size`` consecutive channels, in blocks of
+    ``block_tokens`` tokens.
+
+    Codes are packed along tokens, as the keys' are (a byte holds ``8 // bits`` consecutive tokens
+    of one channel), and every four byte rows are interleaved per channel: ``codes [B, H, T /
+    block_tokens, 4 * D]`` holds byte row ``4 u + s`` of channel ``c`` at ``[u, 4 c + s]``. A 32-bit
+    word is then one channel's ``block_tokens`` consecutive tokens, the register fragment the decode
+    kernel's value product needs with tokens as its reduction dimension. Scales and zeros are per
+    token and group: ``[B, H, T, D / group_size]``.
+    """
 
     bits: int
     group_size: int
 
+    @property
+    def block_tokens(self) -> int:
+        return 4 * (8 // self.bits)
+
     def encode(self, x: torch.Tensor) -> Fields:
         B, H, T, D = x.shape
+        if T % self.block_tokens:
+            raise ValueError(f"{T} value tokens: {self.bits}-bit values are encoded in blocks of {self.block_tokens}")
         g = x.reshape(B, H, T, D // self.group_size, self.group_size)
         codes, scale, zero = uniform.quantize(g, self.bits, dim=4)
+        rows = pack(codes.reshape(B, H, T, D), self.bits, dim=2)  # [B, H, T / per_byte, D]
         return {
-            "codes": pack(codes.reshape(B, H, T, D), self.bits, dim=3),
+            "codes": rows.reshape(B, H, -1, 4, D).transpose(3, 4).reshape(B, H, -1, 4 * D),
             "scale": scale.squeeze(4),
             "zero": zero.squeeze(4),
         }
 
+    def codes(self, fields: Fields) -> torch.Tensor:
+        """The integer codes ``[B, H, T, D]`` (uint8) of ``fields``."""
+        packed = fields["codes"]
+        B, H, n, D4 = packed.shape
+        rows = packed.reshape(B, H, n, D4 // 4, 4).transpose(3, 4).reshape(B, H, 4 * n, D4 // 4)
+        return unpack(rows, self.bits, dim=2)
+
     def decode(self, fields: Fields, dtype: torch.dtype) -> torch.Tensor:
-        codes = unpack(fields["codes"], self.bits, dim=3)
+        codes = self.codes(fields)
         B, H, T, D = codes.shape
         codes = codes.reshape(B, H, T, D // self.group_size, self.group_size)
         out = uniform.dequantize(codes, fields["scale"].unsqueeze(4), fields["zero"].unsqueeze(4), dtype)
