@@ -160,15 +160,15 @@ def test_fused_attend(B, H_kv, n_rep, D, bits, group, nb, sinks, prompt, steps, 
 
 @here
 @pytest.mark.parametrize("pad", [False, True])
-def test_fused_attend_long_context_tiles(monkeypatch, pad):
-    """2-bit keys without boosted channels over a long context take 128-token lean tiles (the threshold is
-    lowered here to keep the interpreter fast): same result as the reference."""
+def test_fused_attend_128_token_tiles(monkeypatch, pad):
+    """Lean tiles of 128 tokens (KVLAB_LEAN_TILE=128; a group of 64 keeps them at 64): same result as the
+    reference."""
     from kvlab.kernels import decode_attention
 
-    monkeypatch.setattr(decode_attention, "LONG_CONTEXT", 256)
+    monkeypatch.setattr(decode_attention, "LEAN_TILE", 128)
     codecs = KeyChannelCodec(2, 128), ValueTokenCodec(2, 64)
-    assert decode_attention.lean_config(*codecs, 384) == (True, 128)
-    assert decode_attention.lean_config(*codecs, 255) == (True, 64)
+    assert decode_attention.lean_config(*codecs) == (True, 128)
+    assert decode_attention.lean_config(KeyChannelCodec(2, 64), codecs[1]) == (True, 64)
     layer = filled_layer(2, 2, 64, *codecs, 256, 4, 700, 2, torch.bfloat16)
     query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=torch.bfloat16)
     mask = None

@@ -163,17 +163,25 @@ def _lean_pv(p, J: tl.constexpr, t0, accT, vbT, vs_ptr, vz_ptr,
 # -- generic tiles (sinks, key/value boundary zone, tails) ----------------------------------
 
 @triton.jit
-def _gen_key_logits(qf, q_rows, row_ok, t, ok, t0, lo_ptr, ks_ptr, kz_ptr, hi_ptr, idx_ptr,
-                    D: tl.constexpr, G: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr,
+def _unpacked_rows(byte, PER: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Codes ``[ROWS * PER, COLS]`` of bytes ``[ROWS, COLS]`` that hold PER consecutive rows each."""
+    f = tl.arange(0, PER) * BITS
+    codes = (byte.to(tl.int32)[:, None, :] >> f[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (ROWS * PER, COLS))
+
+
+@triton.jit
+def _gen_key_logits(qf, q_rows, row_ok, t0, lo_ptr, ks_ptr, kz_ptr, hi_ptr, idx_ptr,
+                    BNG: tl.constexpr, D: tl.constexpr, G: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr,
                     NB_PAD: tl.constexpr, HBITS: tl.constexpr, qk_scale):
-    """Base-2 logits of the query rows against quantized key tokens ``t`` (all in the group of t0)."""
+    """Base-2 logits of the query rows against the quantized key tokens t0 .. t0 + BNG - 1 (one group)."""
     d = tl.arange(0, D)
     grp = t0 // G
     KPER: tl.constexpr = 8 // KBITS
     scale = tl.load(ks_ptr + grp * D + d).to(tl.float32)
     zero = tl.load(kz_ptr + grp * D + d).to(tl.float32)
-    byte = tl.load(lo_ptr + (t // KPER)[:, None] * D + d[None, :], mask=ok[:, None], other=0)
-    codes = (byte.to(tl.int32) >> ((t % KPER) * KBITS)[:, None]) & ((1 << KBITS) - 1)
+    byte = tl.load(lo_ptr + (t0 // KPER + tl.arange(0, BNG // KPER))[:, None] * D + d[None, :])
+    codes = _unpacked_rows(byte, KPER, KBITS, BNG // KPER, D)
     s = safe_dot((qf * scale[None, :]).to(tl.float16), tl.trans(codes.to(tl.float16)))
     s += tl.sum(qf * zero[None, :], axis=1)[:, None]
     if NB > 0:
@@ -184,8 +192,9 @@ def _gen_key_logits(qf, q_rows, row_ok, t, ok, t0, lo_ptr, ks_ptr, kz_ptr, hi_pt
         qb = tl.load(q_rows[:, None] + ch[None, :], mask=row_ok[:, None] & kb_ok[None, :], other=0.0)
         qb = qb.to(tl.float32) * bscale[None, :]
         HPER: tl.constexpr = 8 // HBITS
-        hb = tl.load(hi_ptr + (t // HPER)[:, None] * NB + kb[None, :], mask=ok[:, None] & kb_ok[None, :], other=0)
-        hcodes = (hb.to(tl.int32) >> ((t % HPER) * HBITS)[:, None]) & ((1 << HBITS) - 1)
+        hb = tl.load(hi_ptr + (t0 // HPER + tl.arange(0, BNG // HPER))[:, None] * NB + kb[None, :],
+                     mask=kb_ok[None, :], other=0)
+        hcodes = _unpacked_rows(hb, HPER, HBITS, BNG // HPER, NB_PAD)
         s += safe_dot(qb.to(tl.float16), tl.trans(hcodes.to(tl.float16)))
     return s
 
@@ -198,20 +207,31 @@ def _fp_key_logits(q, base, rows, ok, st, D: tl.constexpr, DTYPE: tl.constexpr, 
 
 
 @triton.jit
-def _gen_values(tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows, okf, fst,
-                D: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr):
-    """Values ``[tokens, D]``: quantized ones (tokens tq where okq) or fp16 ones (fp_rows where okf)."""
-    ch = tl.arange(0, D)
-    VPER: tl.constexpr = 8 // VBITS
-    NG: tl.constexpr = D // GV
-    row = tq // VPER  # byte row of the codes; four of them interleave per channel (ValueTokenCodec)
-    byte = tl.load(vc_ptr + ((row // 4) * (4 * D) + row % 4)[:, None] + 4 * ch[None, :], mask=okq[:, None], other=0)
-    codes = (byte.to(tl.int32) >> ((tq % VPER) * VBITS)[:, None]) & ((1 << VBITS) - 1)
-    so = tq[:, None] * NG + (ch // GV)[None, :]
-    sc = tl.load(vs_ptr + so, mask=okq[:, None], other=0.0).to(tl.float32)
-    z = tl.load(vz_ptr + so, mask=okq[:, None], other=0.0).to(tl.float32)
-    vf = tl.load(fp_ptr + fp_rows[:, None] * fst + ch[None, :], mask=okf[:, None], other=0.0).to(tl.float32)
-    return tl.where(okq[:, None], codes.to(tl.float32) * sc + z, vf).to(tl.float16)
+def _gen_values(c0, t0, nq, QUANT: tl.constexpr, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows, okf, fst,
+                BNG: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr):
+    """Values ``[BNG, DC]`` of tokens t0 .. t0 + BNG - 1, channels c0 .. c0 + DC - 1: fp16 ones (rows fp_rows where
+    okf) and, with QUANT, the packed ones below token nq (t0 and nq are multiples of the value block)."""
+    c = c0 + tl.arange(0, DC)
+    v = tl.load(fp_ptr + fp_rows[:, None] * fst + c[None, :], mask=okf[:, None], other=0.0)
+    if QUANT:
+        # the tile's value blocks as they lie: [blocks, channels, 4 byte rows] (ValueTokenCodec)
+        VPER: tl.constexpr = 8 // VBITS
+        NU: tl.constexpr = BNG // (4 * VPER)
+        u = t0 // (4 * VPER) + tl.arange(0, NU)
+        byte = tl.load(vc_ptr + u[:, None, None] * (4 * D) + 4 * c[None, :, None] + tl.arange(0, 4)[None, None, :],
+                       mask=(u * (4 * VPER) < nq)[:, None, None], other=0)
+        codes = _unpacked_rows(tl.reshape(tl.permute(byte, (0, 2, 1)), (4 * NU, DC)), VPER, VBITS, 4 * NU, DC)
+        t = t0 + tl.arange(0, BNG)
+        okq = t < nq
+        if GV == D:
+            sc = tl.load(vs_ptr + t, mask=okq, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(vz_ptr + t, mask=okq, other=0.0).to(tl.float32)[:, None]
+        else:
+            so = t[:, None] * (D // GV) + (c // GV)[None, :]
+            sc = tl.load(vs_ptr + so, mask=okq[:, None], other=0.0).to(tl.float32)
+            z = tl.load(vz_ptr + so, mask=okq[:, None], other=0.0).to(tl.float32)
+        v = tl.where(okq[:, None], codes.to(tl.float32) * sc + z, v.to(tl.float32))
+    return v.to(tl.float16)
 
 
 @triton.jit
@@ -223,17 +243,30 @@ def _padding_keep(keep, mask_rows, pos, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _gen_step(s, keep, m_i, l_i, acc, tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows, okf, fst,
-              D: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr):
+def _gen_step(s, keep, m_i, l_i, acc0, acc1, acc2, acc3, t0, nq, QUANT: tl.constexpr, vc_ptr, vs_ptr, vz_ptr,
+              fp_ptr, fp_rows, okf, fst, BNG: tl.constexpr, D: tl.constexpr, NCH: tl.constexpr, VBITS: tl.constexpr,
+              GV: tl.constexpr):
+    """One online-softmax step; values in NCH chunks of consecutive channels, one accumulator each (a whole
+    [tokens, D] value tile at once spills)."""
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    values = _gen_values(tq, okq, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows, okf, fst, D, VBITS, GV)
-    acc = acc * alpha[:, None] + safe_dot(p.to(tl.float16), values)
-    return m_new, l_i, acc
+    p16 = p.to(tl.float16)
+    DC: tl.constexpr = D // NCH
+    acc0 = acc0 * alpha[:, None] + safe_dot(p16, _gen_values(0, t0, nq, QUANT, vc_ptr, vs_ptr, vz_ptr, fp_ptr, fp_rows,
+                                                         okf, fst, BNG, D, DC, VBITS, GV))
+    if NCH >= 2:
+        acc1 = acc1 * alpha[:, None] + safe_dot(p16, _gen_values(DC, t0, nq, QUANT, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
+                                                             fp_rows, okf, fst, BNG, D, DC, VBITS, GV))
+    if NCH >= 4:
+        acc2 = acc2 * alpha[:, None] + safe_dot(p16, _gen_values(2 * DC, t0, nq, QUANT, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
+                                                             fp_rows, okf, fst, BNG, D, DC, VBITS, GV))
+        acc3 = acc3 * alpha[:, None] + safe_dot(p16, _gen_values(3 * DC, t0, nq, QUANT, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
+                                                             fp_rows, okf, fst, BNG, D, DC, VBITS, GV))
+    return m_new, l_i, acc0, acc1, acc2, acc3
 
 
 _INT_ARGS = [
@@ -316,8 +349,6 @@ def _decode_kernel(
 
     m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((M_PAD,), tl.float32)
-    zacc = tl.zeros((M_PAD,), tl.float32)  # value zero terms, lean tiles (generic ones dequantize)
-    acc = tl.zeros((M_PAD, D), tl.float32)
 
     # Lean program i streams lean tiles [i * TPS, (i + 1) * TPS); generic programs write parts n_split + gi.
     if ROLE == ROLE_LEAN:
@@ -328,6 +359,7 @@ def _decode_kernel(
         R4: tl.constexpr = BN // KPER
         r = tl.arange(0, R4)
         accT = tl.zeros((D, M_PAD), tl.float32)  # values are the A operand: channels on M, rows on N
+        zacc = tl.zeros((M_PAD,), tl.float32)  # the value zero terms
         kb = tl.arange(0, NB_PAD)
         kb_ok = kb < NB
         for j in range(v0, v1):
@@ -379,38 +411,51 @@ def _decode_kernel(
             zacc = zacc * alpha + tl.sum(zsum, axis=0)
         if GV == D:  # p carried 2^(E_J) per field (_lean_pv)
             accT *= _exp2i(24 - (8 - VBITS) // 2)
-        acc = tl.trans(accT)
+        part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
+        tl.store(pacc_ptr + (part + rows)[:, None] * D + d[None, :], tl.trans(accT) + zacc[:, None],
+                 mask=row_ok[:, None])
 
     # Generic programs: straight loops over sink tiles, boundary tiles (quantized keys, values
     # quantized or not) and tail tiles.
     if ROLE == ROLE_GENERIC:
-        gi = pid_s - n_split  # generic program gi takes tiles gi, gi + N_GENERIC, ... of each zone
+        # The zones' tiles are numbered one after the other and dealt round-robin: generic program gi takes
+        # tiles gi, gi + N_GENERIC, ..., so no program takes two while another one idles.
+        gi = pid_s - n_split
+        n_sink_tiles = tl.cdiv(S, BNG)
+        t_start = n_lean * BN
+        n_bound_tiles = (Tk - t_start) // BNG
+        first_bound = (gi - n_sink_tiles % N_GENERIC + N_GENERIC) % N_GENERIC
+        first_tail = (gi - (n_sink_tiles + n_bound_tiles) % N_GENERIC + N_GENERIC) % N_GENERIC
         offs = tl.arange(0, BNG)
         causal_end = (L - QLEN + qi)[:, None]
-        for g in range(gi, tl.cdiv(S, BNG), N_GENERIC):
+        NCH: tl.constexpr = 4 if D >= 64 else D // 16
+        acc0 = tl.zeros((M_PAD, D // NCH), tl.float32)
+        acc1 = tl.zeros((M_PAD, D // NCH), tl.float32)
+        acc2 = tl.zeros((M_PAD, D // NCH), tl.float32)
+        acc3 = tl.zeros((M_PAD, D // NCH), tl.float32)
+        for g in range(gi, n_sink_tiles, N_GENERIC):
             pos = g * BNG + offs
             ok = pos < S
             s = _fp_key_logits(q, sk_ptr, pos, ok, skt, D, DTYPE, qk_scale)
             keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
             keep = _padding_keep(keep, mask_rows, pos, HAS_MASK)
-            m_i, l_i, acc = _gen_step(
-                s, keep, m_i, l_i, acc, pos, pos < 0, vc_ptr, vs_ptr, vz_ptr,
-                sv_ptr, pos, ok, svt, D, VBITS, GV)
-        t_start = n_lean * BN
-        for g in range(gi, (Tk - t_start) // BNG, N_GENERIC):
+            m_i, l_i, acc0, acc1, acc2, acc3 = _gen_step(
+                s, keep, m_i, l_i, acc0, acc1, acc2, acc3, 0, 0, False, vc_ptr, vs_ptr, vz_ptr,
+                sv_ptr, pos, ok, svt, BNG, D, NCH, VBITS, GV)
+        for g in range(first_bound, n_bound_tiles, N_GENERIC):
             t = t_start + g * BNG + offs
             pos = S + t
-            s = _gen_key_logits(qf, q_rows, row_ok, t, t < Tk, t_start + g * BNG, lo_ptr, ks_ptr, kz_ptr, hi_ptr,
-                                idx_ptr, D, G, KBITS, NB, NB_PAD, HBITS, qk_scale)
+            s = _gen_key_logits(qf, q_rows, row_ok, t_start + g * BNG, lo_ptr, ks_ptr, kz_ptr, hi_ptr, idx_ptr,
+                                BNG, D, G, KBITS, NB, NB_PAD, HBITS, qk_scale)
             keep = row_ok[:, None] & (pos[None, :] <= causal_end)
             keep = _padding_keep(keep, mask_rows, pos, HAS_MASK)
             vrow = t - Tv
             if META:
                 vrow = t % VR
-            m_i, l_i, acc = _gen_step(
-                s, keep, m_i, l_i, acc, t, t < Tv, vc_ptr, vs_ptr, vz_ptr,
-                vt_ptr, vrow, t >= Tv, vtt, D, VBITS, GV)
-        for g in range(gi, tl.cdiv(Rk, BNG), N_GENERIC):
+            m_i, l_i, acc0, acc1, acc2, acc3 = _gen_step(
+                s, keep, m_i, l_i, acc0, acc1, acc2, acc3, t_start + g * BNG, Tv, True, vc_ptr, vs_ptr, vz_ptr,
+                vt_ptr, vrow, t >= Tv, vtt, BNG, D, NCH, VBITS, GV)
+        for g in range(first_tail, tl.cdiv(Rk, BNG), N_GENERIC):
             t = Tk + g * BNG + offs  # keys and values both from the tails here (Tk >= Tv)
             pos = S + t
             ok = pos < L
@@ -422,15 +467,22 @@ def _decode_kernel(
             s = _fp_key_logits(q, kt_ptr, krow, ok, ktt, D, DTYPE, qk_scale)
             keep = row_ok[:, None] & ok[None, :] & (pos[None, :] <= causal_end)
             keep = _padding_keep(keep, mask_rows, pos, HAS_MASK)
-            m_i, l_i, acc = _gen_step(
-                s, keep, m_i, l_i, acc, t, t < 0, vc_ptr, vs_ptr, vz_ptr,
-                vt_ptr, vrow, ok, vtt, D, VBITS, GV)
+            m_i, l_i, acc0, acc1, acc2, acc3 = _gen_step(
+                s, keep, m_i, l_i, acc0, acc1, acc2, acc3, 0, 0, False, vc_ptr, vs_ptr, vz_ptr,
+                vt_ptr, vrow, ok, vtt, BNG, D, NCH, VBITS, GV)
 
+        part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
+        dst = pacc_ptr + (part + rows)[:, None] * D + tl.arange(0, D // NCH)[None, :]
+        tl.store(dst, acc0, mask=row_ok[:, None])
+        if NCH >= 2:
+            tl.store(dst + D // NCH, acc1, mask=row_ok[:, None])
+        if NCH >= 4:
+            tl.store(dst + 2 * D // NCH, acc2, mask=row_ok[:, None])
+            tl.store(dst + 3 * D // NCH, acc3, mask=row_ok[:, None])
     # Partials of the real rows only: [B * HKV, n_parts, NR] m, l and [.., NR, D] acc.
     part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
     tl.store(pm_ptr + part + rows, m_i, mask=row_ok)
     tl.store(pl_ptr + part + rows, l_i, mask=row_ok)
-    tl.store(pacc_ptr + (part + rows)[:, None] * D + d[None, :], acc + zacc[:, None], mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["n_parts", "so_b", "so_t", "so_h"])
@@ -521,19 +573,17 @@ def _fp_view(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, 
     return t, t.stride(0), t.stride(1), t.stride(2)
 
 
-def lean_config(kc, vc, tokens: int = 0) -> tuple[bool, int]:
-    """Whether quantized tiles take the lean path, and its tile size BN (``tokens``: the quantized length
-    the launch is planned for)."""
-    long_2bit = kc.bits == 2 and not kc.boost_channels and tokens >= LONG_CONTEXT
-    bn = _tile_tokens(kc.group_size, LEAN_TILE or (128 if long_2bit else 64))
+def lean_config(kc, vc) -> tuple[bool, int]:
+    """Whether quantized tiles take the lean path, and its tile size BN."""
+    bn = _tile_tokens(kc.group_size, LEAN_TILE)
     ok = (kc.bits in (2, 4) and vc.bits == kc.bits and bn and bn // (8 // kc.bits) >= 16
           and (not kc.boost_channels or kc.boost_bits - kc.bits == kc.bits))
     return bool(ok), bn
 
 
-def lean_occupancy(kc, BN: int) -> tuple[int, int]:
+def lean_occupancy(kc) -> tuple[int, int]:
     """(register cap, 0 for none; programs per SM the splits are planned for) of the lean launch."""
-    cap, per_sm = (168, 12) if kc.boost_channels else (0, 8) if BN == 128 else (0, 16)
+    cap, per_sm = (168, 12) if kc.boost_channels else (160, 12) if kc.bits == 2 else (0, 16)
     return (cap if LEAN_MAXNREG < 0 else LEAN_MAXNREG), (LEAN_PER_SM or per_sm)
 
 
@@ -572,18 +622,19 @@ def _tuning(name: str, default: int) -> int:
 
 # Launch shapes (measured on an H100 and an H200, docs/kernels.md; each overridable by environment variable):
 # * lean programs get one warp: every softmax reduction stays inside the warp (with 4 warps, 49 barriers and
-#   shared-memory round trips per tile; H100 8x32K kivi-2: 162 us vs 282). Tiles of 64 tokens, or 128 for
-#   2-bit keys without boosted channels over LONG_CONTEXT or more quantized tokens (H200 kivi-2 8x32K: 108.9
-#   vs 116.4 us; 16x4K: 57.7 vs 53.4, hence only long contexts). Registers uncapped (ptxas: kivi-2 222,
-#   kivi-4 248, no spills), except with boosted channels: 168, 12 programs per SM planned (H200 kitty-pro
-#   8x32K 143.3 vs 162.0 us uncapped, 64x4K 206.9 vs 229.2); kivi-4 was slower with any cap tried;
+#   shared-memory round trips per tile; H100 8x32K kivi-2: 162 us vs 282). Tiles of 64 tokens (128 were faster
+#   for long 2-bit contexts with values as the B operand; with values as the A operand, H200 kivi-2 8x32K:
+#   90.5 us with 64 vs 95.9 with 128). Registers (ptxas, offline: kivi-2 190, kivi-4 206, kitty-pro 168 uncapped,
+#   no spills): kivi-2 capped at 160 with 12 programs per SM planned (H200 8x32K 90.5 vs 98.2 us uncapped,
+#   16x4K 45.1 vs 47.3), kitty-pro at 168 with 12 per SM (8x32K 111.6 vs 128.4 at 18 per SM), kivi-4 uncapped
+#   with 16 per SM (8x32K 129.3 vs 166.0 capped at 168);
 # * the generic part runs as a second launch of N_GENERIC 4-warp programs per (batch, KV head), each
-#   taking every N_GENERIC-th tile of each zone, registers capped at 168 (uncapped ~250: 2 programs/SM).
-LONG_CONTEXT = 16384
-LEAN_TILE = _tuning("KVLAB_LEAN_TILE", 0)  # 0: by the rule above
+#   taking every N_GENERIC-th tile of the zones, registers capped at 168 (uncapped ~250: 2 programs/SM).
+LEAN_TILE = _tuning("KVLAB_LEAN_TILE", 64)
 LEAN_WARPS = _tuning("KVLAB_LEAN_WARPS", 1)
 LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", -1)  # -1: by the rule above, 0: no cap
 LEAN_PER_SM = _tuning("KVLAB_LEAN_PER_SM", 0)  # 0: by the rule above
+LEAN_STAGES = _tuning("KVLAB_LEAN_STAGES", 3)  # tiles in flight (Triton's software pipelining)
 N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 4)
 MAXNREG = _tuning("KVLAB_MAXNREG", 168)
 CONCURRENT_GENERIC = _tuning("KVLAB_CONCURRENT_GENERIC", 1)  # generic launch on a side stream, beside the lean one
@@ -672,18 +723,17 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     else:
         mask_u8, sm_b, sm_q = d8, 0, 0
 
+    lean, BN = lean_config(kc, vc)
     if static is None:
         S, Tk, Tv, Rk = lengths
-        lean, BN = lean_config(kc, vc, min(Tk, Tv))
         n_lean = min(Tk, Tv) // BN if lean else 0
         step, meta, KR, VR = d8, d8, 0, 0
         planned = n_lean
     else:
         S = Tk = Tv = Rk = n_lean = 0
         step, meta, KR, VR, capacity = static
-        lean, BN = lean_config(kc, vc, capacity)
         planned = capacity // BN if lean else 0
-    lean_cap, per_sm = lean_occupancy(kc, BN)
+    lean_cap, per_sm = lean_occupancy(kc)
     tps, n_split = plan_splits(planned, B * HKV, _num_sms(dev), per_sm)
     n_parts = n_split + N_GENERIC  # + the generic programs (sinks, boundary zone, tails)
     NR = n_rep * QLEN
@@ -707,7 +757,7 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(8, _pow2(NR)), D=D, BN=BN, BNG=_tile_tokens(kc.group_size),
         G=kc.group_size, KBITS=kc.bits, NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
         VBITS=vc.bits, GV=vc.group_size, LEAN=lean, HAS_MASK=mask is not None, DTYPE=_TL_DTYPE[dtype],
-        META=static is not None, N_GENERIC=N_GENERIC, num_stages=3,
+        META=static is not None, N_GENERIC=N_GENERIC,
     )
     # The generic programs are few and latency-bound: on a side stream (a parallel branch of a captured CUDA
     # graph) they run beside the lean ones instead of after them.
@@ -715,11 +765,11 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
-        _decode_kernel[(N_GENERIC, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=4,
+        _decode_kernel[(N_GENERIC, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=4, num_stages=3,
                                              **_reg_cap(MAXNREG))
     if n_split:
         _decode_kernel[(n_split, B * HKV)](*args, **consts, ROLE=ROLE_LEAN.value, num_warps=LEAN_WARPS,
-                                           **_reg_cap(lean_cap))
+                                           num_stages=LEAN_STAGES, **_reg_cap(lean_cap))
     if side is not None:
         torch.cuda.current_stream(dev).wait_stream(side)
     return combine(pm, pl, pacc, B, HKV, n_rep, QLEN, D, n_parts, dtype)
