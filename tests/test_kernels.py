@@ -134,6 +134,9 @@ DECODE_CASES = [  # B, H_kv, n_rep, D, bits, group, boosted, sinks, prompt, step
     (2, 2, 4, 64, 2, 64, 0, 0, 300, 2, 1, torch.bfloat16, True),
     (1, 2, 4, 128, 2, 128, 25, 32, 620, 3, 1, torch.bfloat16, False),
     (1, 1, 4, 64, 4, 64, 0, 4, 230, 1, 2, torch.float16, False),
+    # 8- and 1-bit codes: the generic programs take every tile (value blocks of 4 and 32 tokens)
+    (1, 2, 4, 64, 8, 32, 0, 0, 100, 2, 1, torch.bfloat16, False),
+    (2, 1, 4, 64, 1, 32, 0, 4, 120, 2, 1, torch.bfloat16, True),
 ]
 
 

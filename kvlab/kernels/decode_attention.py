@@ -4,8 +4,8 @@ A layer holds, per (batch row, KV head), ``[sinks | quantized | tail]`` for keys
 with different quantized lengths (keys in whole blocks of ``G``, values in blocks of a few tokens,
 so ``Tk >= Tv``). Two launches of one kernel (``ROLE``):
 
-* one-warp lean programs stream tiles of ``BN`` tokens (64, or 128 for long 2-bit contexts; within
-  one key group) whose keys and values are both quantized. Keys and values are both packed along
+* one-warp lean programs stream tiles of ``BN`` = 64 tokens (within one key group) whose keys and
+  values are both quantized. Keys and values are both packed along
   tokens (a byte holds ``PER`` consecutive tokens of one channel), so a tile is loaded once as
   packed bytes (``[BN / PER, D]`` key bytes, ``[D, BN / PER]`` value bytes, whose four-row
   interleave makes each 32-bit word one channel's next tokens) and never re-interleaved: bit field
@@ -20,7 +20,7 @@ so ``Tk >= Tv``). Two launches of one kernel (``ROLE``):
   default), the value scale folds into ``p`` (``sum_t p_t (c_t s_t + z_t) = (p * s) . c + sum_t
   p_t z_t``), so nothing is dequantized per element.
 * ``N_GENERIC`` programs per (batch row, KV head) handle the rest (sinks, the zone whose keys are
-  quantized but values not yet, the fp16 tails; a few tiles) with simple gathers, in three
+  quantized but values not yet, the fp16 tails; a few tiles, dealt round-robin), in three
   straight loops (no data-dependent branch that yields tensors: Triton 3.6 miscompiled that
   form, see docs/kernels.md). They are launched on a side stream, so they run beside the lean
   programs, not after them.
@@ -601,6 +601,8 @@ def kernel_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, 
         return f"key group {key_codec.group_size} is not a multiple of 16"
     if value_codec is not None and (value_codec.group_size & (value_codec.group_size - 1) or D % value_codec.group_size):
         return f"value group {value_codec.group_size} is not a power of two dividing head_dim"
+    if key_codec is not None and value_codec is not None and value_codec.block_tokens > _tile_tokens(key_codec.group_size):
+        return f"value blocks of {value_codec.block_tokens} tokens are longer than a key tile"
     return None
 
 
