@@ -545,7 +545,7 @@ def _dummy(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _DUMMIES[key]
 
 
-def _tile_tokens(group_size: int, limit: int = 64) -> int:
+def _tile_tokens(group_size: int, limit: int) -> int:
     """Largest power of two <= limit dividing the key group (a key tile must lie in one group)."""
     bn = limit
     while bn > 16 and group_size % bn:
@@ -597,11 +597,12 @@ def kernel_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, 
         return f"dtype {dtype}"
     if D < 16 or D & (D - 1):
         return f"head_dim {D} is not a power of two >= 16"
-    if key_codec is not None and not _tile_tokens(key_codec.group_size):
+    if key_codec is not None and not _tile_tokens(key_codec.group_size, GENERIC_TILE):
         return f"key group {key_codec.group_size} is not a multiple of 16"
     if value_codec is not None and (value_codec.group_size & (value_codec.group_size - 1) or D % value_codec.group_size):
         return f"value group {value_codec.group_size} is not a power of two dividing head_dim"
-    if key_codec is not None and value_codec is not None and value_codec.block_tokens > _tile_tokens(key_codec.group_size):
+    if key_codec is not None and value_codec is not None and (
+            value_codec.block_tokens > _tile_tokens(key_codec.group_size, GENERIC_TILE)):
         return f"value blocks of {value_codec.block_tokens} tokens are longer than a key tile"
     return None
 
@@ -638,6 +639,7 @@ LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", -1)  # -1: by the rule above, 0: no
 LEAN_PER_SM = _tuning("KVLAB_LEAN_PER_SM", 0)  # 0: by the rule above
 LEAN_STAGES = _tuning("KVLAB_LEAN_STAGES", 3)  # tiles in flight (Triton's software pipelining)
 N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 4)
+GENERIC_TILE = _tuning("KVLAB_GENERIC_TILE", 64)  # tokens per generic tile (at most; within one key group)
 MAXNREG = _tuning("KVLAB_MAXNREG", 168)
 CONCURRENT_GENERIC = _tuning("KVLAB_CONCURRENT_GENERIC", 1)  # generic launch on a side stream, beside the lean one
 
@@ -756,7 +758,7 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         step, meta, KR, VR,
     )
     consts = dict(
-        HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(8, _pow2(NR)), D=D, BN=BN, BNG=_tile_tokens(kc.group_size),
+        HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(8, _pow2(NR)), D=D, BN=BN, BNG=_tile_tokens(kc.group_size, GENERIC_TILE),
         G=kc.group_size, KBITS=kc.bits, NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
         VBITS=vc.bits, GV=vc.group_size, LEAN=lean, HAS_MASK=mask is not None, DTYPE=_TL_DTYPE[dtype],
         META=static is not None, N_GENERIC=N_GENERIC,
