@@ -5,7 +5,8 @@ touches may move or change shape, and no length may be a Python number. :func:`m
 turns a prefilled :class:`~kvlab.cache.CompressedCache` into such a cache:
 
 * every buffer is allocated for the whole generation (packed stores at their capacity, fp16
-  tails as rings of ``residual + G`` tokens, dense layers as ``[B, H, capacity, D]``);
+  tails as rings of ``residual + G`` tokens for keys and ``residual + G + block`` for values,
+  dense layers as ``[B, H, capacity, D]``);
 * the lengths of every step are computed once, on the host, into a small per-layer schedule
   ``meta [steps, 8]`` on the device (the columns ``META_*`` of :mod:`kvlab.kernels.decode_attention`);
   kernels read row ``step`` (a device counter that the step itself increments);
