@@ -167,6 +167,23 @@ class FullPrecisionLayer(KVLayerMixin, DynamicLayer):
             t.data_ptr() == buf.data_ptr() and t.shape[:2] == buf.shape[:2] for t, buf in zip((self.keys, self.values),
                                                                                            self.buffers))
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows(lambda t: t[indices, ...])
+
+    def _rows(self, fn) -> None:
+        """A batch-row op; preallocated buffers stay preallocated (whole), so decoding still writes in place."""
+        if self.get_seq_length() == 0:
+            return
+        if not self.preallocated():
+            self.keys, self.values = fn(self.keys), fn(self.values)
+            return
+        length = self.keys.shape[2]
+        self.buffers = tuple(fn(t) for t in self.buffers)
+        self.keys, self.values = (t[:, :, :length] for t in self.buffers)
+
     def reset(self) -> None:
         self.buffers = None
         super().reset()

@@ -38,6 +38,17 @@ def test_one_measured_row_per_method_batch_and_context(bench):
         assert r["gen_len"] == 6 and r["warmup"] == 2
 
 
+def test_prefill_rows_are_recorded_and_shown(tmp_path, capsys):
+    args = TINY + ["--methods", KIVI, "--batch-sizes", "3", "--context-lengths", "32", "--gen-len", "4",
+                   "--warmup", "1", "--prefill-rows", "1", "--output-dir", str(tmp_path)]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "latency.json").read_text())
+    assert res["config"]["prefill_rows"] == 1
+    (row,) = res["rows"]
+    assert (row["batch"], row["prefill_rows"]) == (3, 1) and row["ms_per_token"] > 0
+    assert "prefill: 1 row repeated" in capsys.readouterr().out
+
+
 def test_cache_sizes_are_measured(bench):
     _, res = bench
     row = {(r["method"], r["batch"], r["context"]): r for r in res["rows"]}
@@ -106,6 +117,7 @@ def test_hf_baselines_by_name(tmp_path):
     (["--context-lengths", "0"], "--context-lengths 0"),
     (["--gen-len", "0"], "--gen-len 0"),
     (["--prefill-chunk", "0"], "--prefill-chunk 0 must be at least 1"),
+    (["--prefill-rows", "0"], "--prefill-rows 0 must be at least 1"),
     (["--gen-len", "4", "--warmup", "4"], "must exceed --warmup"),
     (["--context-lengths", "4096", "--gen-len", "16"], "exceeds random:tiny-llama's 4096 positions"),
     (["--find-max-batch"], "--find-max-batch"),
@@ -128,7 +140,7 @@ def test_usage_errors_exit_2_before_loading(extra, message, tmp_path, capsys, mo
 def test_out_of_memory_is_a_row_and_larger_batches_are_not_run(tiny_model, monkeypatch):
     calls = []
 
-    def fake(model, case, batch, context, gen_len, warmup, seed=0, prefill_chunk=None):
+    def fake(model, case, batch, context, gen_len, warmup, seed=0, prefill=lat.Prefill()):
         calls.append((batch, context))
         if batch > 1:
             torch.empty(1)  # a tensor the traceback holds until the row is recorded

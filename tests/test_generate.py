@@ -64,9 +64,45 @@ def test_generate_rejects_bad_input(tiny, kwargs, match):
 def test_chunked_prefill_fills_the_same_cache(tiny):
     case = lat.method_case(parse_method("kivi-2:group_size=16,residual=16"))
     whole = lat.measure(tiny, case, 2, 48, 3, 0)
-    chunked = lat.measure(tiny, case, 2, 48, 3, 0, prefill_chunk=20)
+    chunked = lat.measure(tiny, case, 2, 48, 3, 0, prefill=lat.Prefill(chunk=20))
     assert chunked["cache_bytes"] == whole["cache_bytes"]
     assert chunked["bits_per_value_all_in"] == whole["bits_per_value_all_in"]
+
+
+@pytest.mark.parametrize("spec", ["fp16", "kivi-2:group_size=16,residual=16"])
+def test_repeated_prefill_rows_equal_prefilling_every_row(tiny, spec):
+    """--prefill-rows: one prefilled row repeated (and cut) to a batch of 3 holds exactly what prefilling the
+    same prompt in all 3 rows holds, and fp16 buffers stay preallocated (decoding writes in place)."""
+    ids = torch.randint(3, 128, (1, 40))
+    one = kvlab.make_cache(spec, tiny, max_length=48)
+    tiny(ids, past_key_values=one)
+    one.batch_repeat_interleave(2)
+    one.batch_repeat_interleave(2)
+    one.batch_select_indices(torch.tensor([0, 1, 3]))
+    three = kvlab.make_cache(spec, tiny, max_length=48)
+    tiny(ids.expand(3, -1), past_key_values=three)
+    for a, b in zip(one.layers, three.layers):
+        held_a, held_b = _held(a), _held(b)
+        assert held_a.keys() == held_b.keys() and all(torch.equal(held_a[k], held_b[k]) for k in held_a)
+        if spec == "fp16":
+            assert a.preallocated() and a.buffers[0].shape == b.buffers[0].shape
+
+
+def _held(layer) -> dict:
+    names = ("keys", "values", "sink_keys", "sink_values", "key_tail", "value_tail")
+    held = {n: getattr(layer, n) for n in names if getattr(layer, n, None) is not None}
+    for store in ("key_store", "value_store"):
+        if hasattr(layer, store):
+            held.update({f"{store}.{n}": t for n, t in getattr(layer, store).fields.items()})
+    return held
+
+
+def test_prefill_rows_time_the_same_decode(tiny):
+    case = lat.method_case(parse_method("kivi-2:group_size=16,residual=16"))
+    every = lat.measure(tiny, case, 3, 48, 3, 0)
+    repeated = lat.measure(tiny, case, 3, 48, 3, 0, prefill=lat.Prefill(rows=2))
+    assert (every["prefill_rows"], repeated["prefill_rows"]) == (3, 2)
+    assert repeated["batch"] == 3 and repeated["cache_bytes"] == every["cache_bytes"]
 
 
 def test_a_kvlab_row_without_a_static_path_decodes_eagerly(tiny, monkeypatch):

@@ -1,8 +1,8 @@
 """Decode latency and throughput of KV caches (``kvlab bench latency``).
 
-One run is one cache at one (batch, context): a seeded random prompt of ``context`` token ids,
-prefilled by one forward call (or chunks of ``prefill_chunk`` tokens, so that prefill activations
-do not decide what fits), then ``gen_len`` greedy decode steps through the cache. kvlab
+One run is one cache at one (batch, context): a seeded random prompt of ``context`` token ids per
+row, prefilled as :class:`Prefill` says (one forward call by default), then ``gen_len`` greedy
+decode steps through the cache. kvlab
 caches decode as ``kvlab.generate`` does: on CUDA, through the static path (the step replayed as
 a CUDA graph, :mod:`kvlab.generate`; its decoder layers compiled unless ``compile_layers`` is
 off) where the method has one, else (and on CPU) the plain loop; the row's ``decode_path`` says
@@ -12,7 +12,7 @@ which. Each step (forward + argmax) is timed on its own, synchronized on CUDA; t
 
 Rows (the ``rows`` of a ``"kind": "latency"`` result, see :mod:`kvlab.report`)::
 
-    {"method", "batch", "context", "gen_len", "prefill_ms", "warmup_s" (untimed first steps: compilation,
+    {"method", "batch", "context", "gen_len", "prefill_rows", "prefill_ms", "warmup_s" (untimed first steps: compilation,
      CUDA-graph recording), "ms_per_token", "ms_per_token_std",
      "tokens_per_s", "peak_memory_mb" (None on CPU), "cache_bytes", "bits_per_value_all_in", ...}
     {"method", "batch", "context", "oom": true, "error": str}   # ran out of memory
@@ -38,6 +38,18 @@ HF_BASELINES = ("hf-dynamic", "hf-static-compiled", "hf-quanto-2", "hf-quanto-4"
 PROBE_STEPS = 2  # decode steps per --find-max-batch probe (after the prefill)
 MAX_PROBE_BATCH = 8192  # --find-max-batch stops doubling here
 WARM_CONTEXT = 2048  # prompt tokens of each case's untimed first run
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """How a run's prompt is prefilled: in chunks of ``chunk`` tokens (None: one forward call), so that
+    prefill activations do not decide what fits; for ``rows`` distinct sequences whose cache rows are then
+    repeated up to the batch (None: every row its own). A decode step costs the same whatever the cache
+    holds, so ``rows=1`` times the same steps at a large batch and long context for a fraction of the
+    prefill (``prefill_ms`` then covers ``rows`` sequences)."""
+
+    chunk: int | None = None
+    rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -114,13 +126,14 @@ def cache_size(cache, config, batch: int, tokens: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: int, seed: int = 0,
-            prefill_chunk: int | None = None) -> dict:
+            prefill: Prefill = Prefill()) -> dict:
     """Prefill + ``gen_len`` timed greedy decode steps of ``case``'s cache; one result row."""
     device = model.device
     config = model.config.get_text_config(decoder=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ids = torch.randint(config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(seed))
+    rows = min(batch, prefill.rows or batch)
+    ids = torch.randint(config.vocab_size, (rows, context), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(device)
     cache = case.new_cache(model, context + gen_len)
     step = model
@@ -131,13 +144,20 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
 
     _sync(device)
     t0 = time.perf_counter()
-    chunk = prefill_chunk or context
+    chunk = prefill.chunk or context
     for start in range(0, context, chunk):
         logits = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True,
                        logits_to_keep=1).logits
     next_ids = logits[:, -1:].argmax(-1)
     _sync(device)
     prefill_ms = 1000 * (time.perf_counter() - t0)
+    if rows < batch:
+        repeats = -(-batch // rows)
+        cache.batch_repeat_interleave(repeats)
+        next_ids = next_ids.repeat_interleave(repeats, dim=0)
+        if rows * repeats > batch:
+            cache.batch_select_indices(torch.arange(batch, device=device))
+            next_ids = next_ids[:batch]
 
     times = []
     decoder = None
@@ -165,7 +185,7 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
     ms = statistics.median(timed)
     return {
         "method": case.label, "batch": batch, "context": context, "gen_len": gen_len, "warmup": warmup,
-        "decode_path": path,
+        "decode_path": path, "prefill_rows": rows,
         "prefill_ms": prefill_ms, "warmup_s": sum(times[:warmup]) / 1000, "ms_per_token": ms,
         "ms_per_token_std": statistics.stdev(timed) if len(timed) > 1 else 0.0,
         "tokens_per_s": batch * 1000 / ms,
@@ -175,14 +195,14 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
 
 
 def run_case(model, case: Case, batch: int, context: int, gen_len: int, warmup: int, seed: int = 0,
-             prefill_chunk: int | None = None) -> dict:
+             prefill: Prefill = Prefill()) -> dict:
     """``measure``, with out-of-memory (and a baseline's failure) recorded as a row; memory freed after."""
     key = {"method": case.label, "batch": batch, "context": context}
     if case.skipped:
         return {**key, "skipped": case.skipped}
     attn = model.config._attn_implementation  # kvlab caches switch it on CUDA; each run starts from the same
     try:
-        row = measure(model, case, batch, context, gen_len, warmup, seed, prefill_chunk)
+        row = measure(model, case, batch, context, gen_len, warmup, seed, prefill)
     except Exception as e:
         if is_oom(e):
             row = {**key, "oom": True, "error": _first_line(e)}
@@ -201,7 +221,7 @@ def run_case(model, case: Case, batch: int, context: int, gen_len: int, warmup: 
 
 def run_grid(model, cases: list[Case], batch_sizes: list[int], contexts: list[int], gen_len: int, warmup: int,
              seed: int = 0, on_row: Callable[[dict], None] | None = None,
-             prefill_chunk: int | None = None) -> list[dict]:
+             prefill: Prefill = Prefill()) -> list[dict]:
     """One row per (case, context, batch), batches ascending; once a batch runs out of memory, the
     larger ones at that context are recorded as out of memory without running. Each case first
     gets one untimed run at batch 1 and at most WARM_CONTEXT tokens, so one-time costs (Triton
@@ -210,12 +230,12 @@ def run_grid(model, cases: list[Case], batch_sizes: list[int], contexts: list[in
     rows = []
     for case in cases:
         if not case.skipped and not case.compiled:  # a compiled case compiles anew in each run anyway
-            run_case(model, case, 1, min(*contexts, WARM_CONTEXT), gen_len, warmup, seed, prefill_chunk)
+            run_case(model, case, 1, min(*contexts, WARM_CONTEXT), gen_len, warmup, seed, prefill)
         for context in contexts:
             oom_at = None
             for batch in sorted(batch_sizes):
                 if oom_at is None:
-                    row = run_case(model, case, batch, context, gen_len, warmup, seed, prefill_chunk)
+                    row = run_case(model, case, batch, context, gen_len, warmup, seed, prefill)
                     oom_at = batch if row.get("oom") else None
                 else:
                     row = {"method": case.label, "batch": batch, "context": context, "oom": True,
@@ -290,7 +310,7 @@ class _ProbeFailed(Exception):
 
 
 def max_batch_rows(model, cases: list[Case], contexts: list[int], seed: int = 0,
-                   on_probe: Callable[[str], None] | None = None, prefill_chunk: int | None = None) -> list[dict]:
+                   on_probe: Callable[[str], None] | None = None, prefill: Prefill = Prefill()) -> list[dict]:
     """For each case and context, the largest batch whose prefill + PROBE_STEPS decode steps fit in memory
     (kvlab rows uncompiled: compiling the layers for every probe would cost more than the probes)."""
     rows = []
@@ -304,7 +324,7 @@ def max_batch_rows(model, cases: list[Case], contexts: list[int], seed: int = 0,
             def fits(b: int, case=case, context=context) -> float | None:
                 if on_probe:
                     on_probe(f"{case.label} ctx={context} batch={b}")
-                row = run_case(model, case, b, context, PROBE_STEPS, 0, seed, prefill_chunk)
+                row = run_case(model, case, b, context, PROBE_STEPS, 0, seed, prefill)
                 if row.get("skipped"):  # a baseline failed for another reason than memory
                     raise _ProbeFailed(row["skipped"])
                 return None if row.get("oom") else row["peak_memory_mb"] * 2**20

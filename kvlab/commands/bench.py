@@ -23,7 +23,10 @@ def _mb(v) -> str:
 def _note(row: dict) -> str:
     if row.get("oom"):
         return "OOM" + (" (not run)" if row.get("error", "").startswith("not run") else "")
-    return "skipped" if row.get("skipped") else ""
+    if row.get("skipped"):
+        return "skipped"
+    rows = row.get("prefill_rows")
+    return f"prefill: {rows} row{'s' * (rows > 1)} repeated" if rows and rows < row["batch"] else ""
 
 
 def _skip_reasons(rows: list[dict]) -> str:
@@ -46,6 +49,8 @@ def _validate(args: argparse.Namespace):
         raise UsageError(f"--gen-len {args.gen_len} must be at least 1")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UsageError(f"--prefill-chunk {args.prefill_chunk} must be at least 1")
+    if args.prefill_rows is not None and args.prefill_rows < 1:
+        raise UsageError(f"--prefill-rows {args.prefill_rows} must be at least 1")
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup} must be >= 0")
     if args.gen_len <= args.warmup:
@@ -103,6 +108,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
     baselines = [c for c in lat.hf_cases(device) if c.label in (args.hf_baselines or ())]
     cases = [lat.method_case(m, compile_layers=not args.no_compile) for m in methods] + baselines
     batches, contexts = sorted(set(args.batch_sizes)), sorted(set(args.context_lengths))
+    prefill = lat.Prefill(args.prefill_chunk, args.prefill_rows)
 
     out = Path(args.output_dir)
     result = {
@@ -112,7 +118,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         "torch": torch.__version__, "transformers": transformers.__version__,
         "config": {"methods": [c.label for c in cases], "batch_sizes": batches, "context_lengths": contexts,
                    "gen_len": args.gen_len, "warmup": args.warmup, "seed": args.seed,
-                   "prefill_chunk": args.prefill_chunk,
+                   "prefill_chunk": args.prefill_chunk, "prefill_rows": args.prefill_rows,
                    "timing": "median over decode steps after warmup, each step synchronized (forward + argmax)"},
         "rows": [],
     }
@@ -125,7 +131,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{row['method']} b={row['batch']} ctx={row['context']}")
 
         lat.run_grid(model, cases, batches, contexts, args.gen_len, args.warmup, args.seed, on_row=on_row,
-                     prefill_chunk=args.prefill_chunk)
+                     prefill=prefill)
 
     if args.find_max_batch:
         with tqdm(desc="max batch", unit="probe", disable=args.quiet) as bar:
@@ -134,7 +140,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(what)
 
             result["max_batch"] = lat.max_batch_rows(model, cases, contexts, args.seed, on_probe=on_probe,
-                                                     prefill_chunk=args.prefill_chunk)
+                                                     prefill=prefill)
         write_json(out / "latency.json", result)
 
     rows = result["rows"]
@@ -176,6 +182,10 @@ def register(subparsers) -> None:
     q.add_argument("--prefill-chunk", type=int, default=None,
                    help="prefill in chunks of this many tokens (default: one forward), so that prefill "
                         "activations do not limit the batch")
+    q.add_argument("--prefill-rows", type=int, default=None, metavar="N",
+                   help="prefill N distinct prompts and repeat their cache rows up to the batch (default: every "
+                        "row its own). Decode steps cost the same whatever the cache holds, so N=1 makes large "
+                        "batches at long context (and --find-max-batch probes) fast; prefill ms then covers N rows")
     q.add_argument("--hf-baselines", nargs="*", default=None, metavar="NAME",
                    help="also time transformers' caches: hf-dynamic, hf-static-compiled, hf-quanto-2, hf-quanto-4 "
                         "(all when no name is given)")
