@@ -159,6 +159,36 @@ def test_out_of_memory_is_a_row_and_larger_batches_are_not_run(tiny_model, monke
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.7 GiB"))
 
 
+def test_at_max_batch_steps_down_until_the_timed_run_fits(tiny_model, monkeypatch):
+    calls = []
+
+    def fake(model, case, batch, context, gen_len, warmup, seed=0, prefill=lat.Prefill()):
+        calls.append(batch)
+        if batch > 30:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return {"method": case.label, "batch": batch, "context": context, "tokens_per_s": 10.0 * batch}
+
+    monkeypatch.setattr(lat, "measure", fake)
+    found = [{"method": "a", "context": 4096, "max_batch": 34}, {"method": "b", "context": 4096, "skipped": "x"},
+             {"method": "c", "context": 4096, "max_batch": 100}]
+    rows = lat.at_max_batch(tiny_model, [lat.Case("a"), lat.Case("b"), lat.Case("c")], found, 4, 1)
+    assert calls == [34, 32, 30, 100, 94, 89]  # 1/16 down per retry, three runs at most
+    assert [(r["method"], r["batch"], bool(r.get("oom"))) for r in rows] == [("a", 30, False), ("c", 89, True)]
+    assert all(r["at_max_batch"] for r in rows)
+
+
+def test_tokens_per_second_against_fp16_at_its_own_max_batch():
+    from kvlab.commands.bench import _vs_fp16
+
+    rows = [{"method": "fp16", "context": 32768, "batch": 28, "tokens_per_s": 800.0},
+            {"method": "kivi-2", "context": 32768, "batch": 112, "tokens_per_s": 2000.0},
+            {"method": "kivi-2", "context": 4096, "batch": 300, "tokens_per_s": 9000.0},
+            {"method": "kitty-pro", "context": 32768, "batch": 100, "oom": True}]
+    got = [(r["method"], r["context"], r["vs_fp16"], r["note"]) for r in _vs_fp16(rows)]
+    assert got == [("fp16", 32768, 1.0, ""), ("kivi-2", 32768, 2.5, ""), ("kivi-2", 4096, None, ""),
+                   ("kitty-pro", 32768, None, "OOM")]
+
+
 def test_find_max_batch_starts_at_the_linear_prediction():
     def fits_up_to(n, base=10.0, per=3.0):
         return lambda b: base + per * b if b <= n else None

@@ -298,6 +298,30 @@ def find_max_batch(fits: Callable[[int], float | None], memory: float,
     return fit, probes
 
 
+def at_max_batch(model, cases: list[Case], found: list[dict], gen_len: int, warmup: int, seed: int = 0,
+                 prefill: Prefill = Prefill(), attempts: int = 3,
+                 on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Each case timed at the largest batch ``max_batch_rows`` found for it (rows flagged ``at_max_batch``).
+    The probes ran a few uncompiled steps; the timed run compiles the layers and records a CUDA graph, which
+    may need more memory, so on running out the batch steps down by 1/16 (at most ``attempts`` runs)."""
+    by_label = {c.label: c for c in cases}
+    rows = []
+    for found_row in found:
+        batch = found_row.get("max_batch") or 0
+        if not batch:
+            continue
+        for _ in range(attempts):
+            row = run_case(model, by_label[found_row["method"]], batch, found_row["context"], gen_len, warmup, seed,
+                           prefill)
+            if not row.get("oom") or batch == 1:
+                break
+            batch -= max(1, batch // 16)
+        rows.append({**row, "at_max_batch": True})
+        if on_row:
+            on_row(rows[-1])
+    return rows
+
+
 def usable_memory(device: torch.device) -> float:
     """Bytes the allocator could hold now: free device memory plus what PyTorch already holds."""
     free_memory(device)

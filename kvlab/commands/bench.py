@@ -25,8 +25,19 @@ def _note(row: dict) -> str:
         return "OOM" + (" (not run)" if row.get("error", "").startswith("not run") else "")
     if row.get("skipped"):
         return "skipped"
+    notes = ["at max batch"] if row.get("at_max_batch") else []
     rows = row.get("prefill_rows")
-    return f"prefill: {rows} row{'s' * (rows > 1)} repeated" if rows and rows < row["batch"] else ""
+    if rows and rows < row["batch"]:
+        notes.append(f"prefill: {rows} row{'s' * (rows > 1)} repeated")
+    return "; ".join(notes)
+
+
+def _vs_fp16(rows: list[dict]) -> list[dict]:
+    """``rows`` with ``vs_fp16``: tokens/s over the fp16 row's at the same context (where both ran)."""
+    fp16 = {r["context"]: r.get("tokens_per_s") for r in rows if r["method"] == "fp16"}
+    return [{**r, "note": "OOM" if r.get("oom") else "",
+             "vs_fp16": r["tokens_per_s"] / fp16[r["context"]] if r.get("tokens_per_s") and fp16.get(r["context"])
+             else None} for r in rows]
 
 
 def _skip_reasons(rows: list[dict]) -> str:
@@ -142,6 +153,14 @@ def cmd_latency(args: argparse.Namespace) -> int:
             result["max_batch"] = lat.max_batch_rows(model, cases, contexts, args.seed, on_probe=on_probe,
                                                      prefill=prefill)
         write_json(out / "latency.json", result)
+        with tqdm(desc="at max batch", unit="run", disable=args.quiet) as bar:
+            def on_max_row(row: dict) -> None:
+                result["rows"].append(row)
+                write_json(out / "latency.json", result)
+                bar.update()
+
+            lat.at_max_batch(model, cases, result["max_batch"], args.gen_len, args.warmup, args.seed, prefill,
+                             on_row=on_max_row)
 
     rows = result["rows"]
     print(format_table([{**r, "note": _note(r)} for r in rows], [
@@ -157,6 +176,12 @@ def cmd_latency(args: argparse.Namespace) -> int:
                             for r in result["max_batch"]],
                            [("method", "method", str), ("context", "context", str), ("max", "max batch", fmt("d")),
                             ("note", "", str)]) + _skip_reasons(result["max_batch"]))
+        at_max = _vs_fp16([r for r in rows if r.get("at_max_batch")])
+        if at_max:
+            print("\nTokens/s at each method's largest batch (vs fp16 at its own):")
+            print(format_table(at_max, [("method", "method", str), ("context", "context", str), ("batch", "batch", str),
+                                        ("tokens_per_s", "tokens/s", fmt(".1f")), ("vs_fp16", "vs fp16", fmt(".2f")),
+                                        ("note", "", str)]))
 
     measured = [r for r in rows if "ms_per_token" in r]
     title = f"{args.model} on {result['device']}, {args.dtype}"
@@ -193,7 +218,8 @@ def register(subparsers) -> None:
                    help="kvlab rows: replay the decode step without torch.compile of the decoder layers "
                         "(by default Inductor fuses the norms, RoPE and MLP gating around kvlab's cache kernels)")
     q.add_argument("--find-max-batch", action="store_true",
-                   help="also find the largest batch that fits, per method and context (CUDA only)")
+                   help="also find the largest batch that fits, per method and context, and time each method "
+                        "there (tokens/s against fp16 at its own largest batch; CUDA only)")
     q.add_argument("--device", default=None, help="cuda if available, else cpu")
     q.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="bfloat16 on cuda, float32 on cpu")
