@@ -177,6 +177,15 @@ def test_at_max_batch_steps_down_until_the_timed_run_fits(tiny_model, monkeypatc
     assert all(r["at_max_batch"] for r in rows)
 
 
+def test_caches_that_cannot_repeat_rows_are_skipped_not_run(tiny_model, monkeypatch):
+    monkeypatch.setattr(lat, "measure", lambda *a, **k: pytest.fail("measured"))
+    case = lat.Case("hf-static-compiled", repeatable=False)
+    row = lat.run_case(tiny_model, case, 4, 64, 3, 1, prefill=lat.Prefill(rows=1))
+    assert row["skipped"].startswith("cannot repeat prefilled rows")
+    assert {c.label: c.repeatable for c in lat.hf_cases(torch.device("cpu"))} == {
+        "hf-dynamic": True, "hf-static-compiled": False, "hf-quanto-2": False, "hf-quanto-4": False}
+
+
 def test_tokens_per_second_against_fp16_at_its_own_max_batch():
     from kvlab.commands.bench import _vs_fp16
 

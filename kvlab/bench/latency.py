@@ -2,8 +2,7 @@
 
 One run is one cache at one (batch, context): a seeded random prompt of ``context`` token ids per
 row, prefilled as :class:`Prefill` says (one forward call by default), then ``gen_len`` greedy
-decode steps through the cache. kvlab
-caches decode as ``kvlab.generate`` does: on CUDA, through the static path (the step replayed as
+decode steps through the cache. kvlab caches decode as ``kvlab.generate`` does: on CUDA, through the static path (the step replayed as
 a CUDA graph, :mod:`kvlab.generate`; its decoder layers compiled unless ``compile_layers`` is
 off) where the method has one, else (and on CPU) the plain loop; the row's ``decode_path`` says
 which. Each step (forward + argmax) is timed on its own, synchronized on CUDA; the first
@@ -58,7 +57,8 @@ class Case:
     through ``torch.compile(model.forward, mode="reduce-overhead")``; ``skipped``: why it cannot run;
     ``baseline``: a failure other than out-of-memory is recorded instead of raised; ``static``:
     kvlab's static decode path where the cache has one, with the decoder layers compiled if
-    ``compile_layers``."""
+    ``compile_layers``; ``repeatable``: its batch rows can be repeated after the prefill
+    (``Prefill.rows``)."""
 
     label: str
     new_cache: Callable[[Any, int], Any] | None = None
@@ -67,6 +67,7 @@ class Case:
     baseline: bool = False
     static: bool = False
     compile_layers: bool = False
+    repeatable: bool = True
 
 
 def method_case(method, compile_layers: bool = True) -> Case:
@@ -91,10 +92,11 @@ def hf_cases(device: torch.device) -> list[Case]:
     return [
         Case("hf-dynamic", lambda model, n: DynamicCache(config=model.config), baseline=True),
         Case("hf-static-compiled", lambda model, n: StaticCache(config=model.config, max_cache_len=n), compiled=True,
-             baseline=True, skipped=None if device.type == "cuda" else
+             baseline=True, repeatable=False, skipped=None if device.type == "cuda" else
              "torch.compile mode='reduce-overhead' records CUDA graphs: CUDA only"),
+        # transformers' static layers cannot repeat rows; its quantized layers would repeat only their fp16 part
         *(Case(f"hf-quanto-{bits}", lambda model, n, bits=bits: QuantizedCache("quanto", model.config, nbits=bits),
-               baseline=True, skipped=no_quanto) for bits in (2, 4)),
+               baseline=True, repeatable=False, skipped=no_quanto) for bits in (2, 4)),
     ]
 
 
@@ -200,6 +202,8 @@ def run_case(model, case: Case, batch: int, context: int, gen_len: int, warmup: 
     key = {"method": case.label, "batch": batch, "context": context}
     if case.skipped:
         return {**key, "skipped": case.skipped}
+    if not case.repeatable and (prefill.rows or batch) < batch:
+        return {**key, "skipped": "cannot repeat prefilled rows (--prefill-rows): run it without"}
     attn = model.config._attn_implementation  # kvlab caches switch it on CUDA; each run starts from the same
     try:
         row = measure(model, case, batch, context, gen_len, warmup, seed, prefill)
