@@ -11,7 +11,7 @@ it with the ``ptxas`` and ``cuobjdump`` that Triton's wheel ships:
         [--tile 128]
 
 Loops are backward branches' bodies, largest first: the lean role's one loop is a tile of 64 (or 128) tokens;
-the generic role's are its boundary, tail and sink loops (one tile of 64 tokens each).
+the generic role's are its boundary, tail and sink loops (one tile of the default GENERIC_TILE tokens each).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, ou
                 "lo_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "hi_ptr": "*u8", "idx_ptr": "*i16",
                 "vc_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16", "mask_ptr": "*u8", "pm_ptr": "*fp32",
                 "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "step_ptr": "*i32", "meta_ptr": "*i32"}
-    consts = {"HKV": 8, "N_REP": 4, "QLEN": 1, "M_PAD": 8, "D": 128, "BN": tile, "BNG": 64, "G": 128, "KBITS": bits,
+    consts = {"HKV": 8, "N_REP": 4, "QLEN": 1, "M_PAD": 8, "D": 128, "BN": tile, "BNG": da._tile_tokens(128, da.GENERIC_TILE), "G": 128, "KBITS": bits,
               "NB": boost, "NB_PAD": max(16, da._pow2(boost)), "HBITS": bits, "VBITS": bits, "GV": 128,
               "LEAN": True, "HAS_MASK": False, "DTYPE": tl.bfloat16, "META": False, "ROLE": role,
-              "N_GENERIC": 4}
+              "N_GENERIC": da.N_GENERIC}
     signature = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
                  for n in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in pointers}
@@ -86,7 +86,8 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=64, choices=[64, 128], help="lean tile tokens")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        usage, sass = compile_kernel(args.bits, args.boost, 1 if args.role == "lean" else 2, args.maxnreg, args.tile, tmp)
+        role = 1 if args.role == "lean" else 2
+        usage, sass = compile_kernel(args.bits, args.boost, role, args.maxnreg, args.tile, tmp)
     regs = re.findall(r"Used (\d+) registers", usage)
     spills = re.findall(r"(\d+) bytes spill stores", usage)
     found = loops(sass)

@@ -59,10 +59,7 @@ class ValueTokenStore(TokenStore):
         super().append({**fields, "codes": codes}, tokens)
 
     def decode(self, codec: ValueTokenCodec, dtype: torch.dtype) -> torch.Tensor:
-        f = self.fields
-        B, H, T, NG = f["scale"].shape
-        codes = unpack(f["codes"], codec.bits, dim=3).reshape(B, H, T, NG, -1)
-        return dequantize(codes, f["scale"].unsqueeze(4), f["zero"].unsqueeze(4), dtype).reshape(B, H, T, -1)
+        return codec.dequantize(unpack(self.fields["codes"], codec.bits, dim=3), self.fields, dtype)
 
 
 class RaggedKeyStore(TokenStore):

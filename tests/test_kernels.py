@@ -365,3 +365,14 @@ def test_tuning_override_must_be_an_integer(monkeypatch):
     monkeypatch.setenv("KVLAB_LEAN_TILE", "sixty-four")
     with pytest.raises(ValueError, match="KVLAB_LEAN_TILE='sixty-four': kvlab's kernel tuning overrides take an integer"):
         _tuning("KVLAB_LEAN_TILE", 64)
+
+
+@pytest.mark.parametrize("value", ["0", "48", "8"])
+def test_tile_override_must_be_a_power_of_two_from_16(monkeypatch, value):
+    from kvlab.kernels.decode_attention import _tile_tuning
+
+    monkeypatch.setenv("KVLAB_GENERIC_TILE", value)
+    with pytest.raises(ValueError, match=f"KVLAB_GENERIC_TILE={value}: a tile takes a power of two >= 16 tokens"):
+        _tile_tuning("KVLAB_GENERIC_TILE", 32)
+    monkeypatch.setenv("KVLAB_GENERIC_TILE", "128")
+    assert _tile_tuning("KVLAB_GENERIC_TILE", 32) == 128

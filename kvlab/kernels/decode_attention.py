@@ -349,6 +349,8 @@ def _decode_kernel(
 
     m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((M_PAD,), tl.float32)
+    # Partials of the real rows only: [B * HKV, n_parts, NR] m, l and [.., NR, D] acc.
+    part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
 
     # Lean program i streams lean tiles [i * TPS, (i + 1) * TPS); generic programs write parts n_split + gi.
     if ROLE == ROLE_LEAN:
@@ -411,7 +413,6 @@ def _decode_kernel(
             zacc = zacc * alpha + tl.sum(zsum, axis=0)
         if GV == D:  # p carried 2^(E_J) per field (_lean_pv)
             accT *= _exp2i(24 - (8 - VBITS) // 2)
-        part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
         tl.store(pacc_ptr + (part + rows)[:, None] * D + d[None, :], tl.trans(accT) + zacc[:, None],
                  mask=row_ok[:, None])
 
@@ -471,7 +472,6 @@ def _decode_kernel(
                 s, keep, m_i, l_i, acc0, acc1, acc2, acc3, 0, 0, False, vc_ptr, vs_ptr, vz_ptr,
                 vt_ptr, vrow, ok, vtt, BNG, D, NCH, VBITS, GV)
 
-        part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
         dst = pacc_ptr + (part + rows)[:, None] * D + tl.arange(0, D // NCH)[None, :]
         tl.store(dst, acc0, mask=row_ok[:, None])
         if NCH >= 2:
@@ -479,8 +479,6 @@ def _decode_kernel(
         if NCH >= 4:
             tl.store(dst + 2 * D // NCH, acc2, mask=row_ok[:, None])
             tl.store(dst + 3 * D // NCH, acc3, mask=row_ok[:, None])
-    # Partials of the real rows only: [B * HKV, n_parts, NR] m, l and [.., NR, D] acc.
-    part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
     tl.store(pm_ptr + part + rows, m_i, mask=row_ok)
     tl.store(pl_ptr + part + rows, l_i, mask=row_ok)
 
@@ -597,12 +595,12 @@ def kernel_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, 
         return f"dtype {dtype}"
     if D < 16 or D & (D - 1):
         return f"head_dim {D} is not a power of two >= 16"
-    if key_codec is not None and not _tile_tokens(key_codec.group_size, GENERIC_TILE):
+    tile = _tile_tokens(key_codec.group_size, GENERIC_TILE) if key_codec is not None else None
+    if tile == 0:
         return f"key group {key_codec.group_size} is not a multiple of 16"
     if value_codec is not None and (value_codec.group_size & (value_codec.group_size - 1) or D % value_codec.group_size):
         return f"value group {value_codec.group_size} is not a power of two dividing head_dim"
-    if key_codec is not None and value_codec is not None and (
-            value_codec.block_tokens > _tile_tokens(key_codec.group_size, GENERIC_TILE)):
+    if tile and value_codec is not None and value_codec.block_tokens > tile:
         return f"value blocks of {value_codec.block_tokens} tokens are longer than a key tile"
     return None
 
@@ -623,6 +621,14 @@ def _tuning(name: str, default: int) -> int:
         raise ValueError(f"{name}={value!r}: kvlab's kernel tuning overrides take an integer") from None
 
 
+def _tile_tuning(name: str, default: int) -> int:
+    """A tile-size override: a power of two >= 16 tokens (an MMA's K or M side)."""
+    value = _tuning(name, default)
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name}={value}: a tile takes a power of two >= 16 tokens")
+    return value
+
+
 # Launch shapes (measured on an H100 and an H200, docs/kernels.md; each overridable by environment variable):
 # * lean programs get one warp: every softmax reduction stays inside the warp (with 4 warps, 49 barriers and
 #   shared-memory round trips per tile; H100 8x32K kivi-2: 162 us vs 282). Tiles of 64 tokens (128 were faster
@@ -635,13 +641,13 @@ def _tuning(name: str, default: int) -> int:
 #   GENERIC_TILE tokens dealt round-robin, registers capped at 168 (uncapped ~250: 2 programs/SM); 8 programs
 #   and 32-token tiles rather than 4 and 64 (H200 16x4K: kivi-2 37.6 vs 38.9 us, kitty-pro 44.7 vs 53.1;
 #   the generic launch alone at 8x32K 9.0 vs 14.4).
-LEAN_TILE = _tuning("KVLAB_LEAN_TILE", 64)
+LEAN_TILE = _tile_tuning("KVLAB_LEAN_TILE", 64)
 LEAN_WARPS = _tuning("KVLAB_LEAN_WARPS", 1)
 LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", -1)  # -1: by the rule above, 0: no cap
 LEAN_PER_SM = _tuning("KVLAB_LEAN_PER_SM", 0)  # 0: by the rule above
 LEAN_STAGES = _tuning("KVLAB_LEAN_STAGES", 3)  # tiles in flight (Triton's software pipelining)
 N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 8)
-GENERIC_TILE = _tuning("KVLAB_GENERIC_TILE", 32)  # tokens per generic tile (at most; within one key group)
+GENERIC_TILE = _tile_tuning("KVLAB_GENERIC_TILE", 32)  # tokens per generic tile (at most; within one key group)
 MAXNREG = _tuning("KVLAB_MAXNREG", 168)
 CONCURRENT_GENERIC = _tuning("KVLAB_CONCURRENT_GENERIC", 1)  # generic launch on a side stream, beside the lean one
 

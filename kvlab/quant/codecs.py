@@ -116,7 +116,10 @@ class ValueTokenCodec:
         return unpack(rows, self.bits, dim=2)
 
     def decode(self, fields: Fields, dtype: torch.dtype) -> torch.Tensor:
-        codes = self.codes(fields)
+        return self.dequantize(self.codes(fields), fields, dtype)
+
+    def dequantize(self, codes: torch.Tensor, fields: Fields, dtype: torch.dtype) -> torch.Tensor:
+        """Integer ``codes [B, H, T, D]`` with the ``scale``/``zero`` of ``fields`` -> values in ``dtype``."""
         B, H, T, D = codes.shape
         codes = codes.reshape(B, H, T, D // self.group_size, self.group_size)
         out = uniform.dequantize(codes, fields["scale"].unsqueeze(4), fields["zero"].unsqueeze(4), dtype)
