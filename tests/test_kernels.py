@@ -183,6 +183,29 @@ def test_fused_attend_128_token_tiles(monkeypatch, pad):
 
 
 @here
+@pytest.mark.parametrize("per_sm", [1, 8])
+def test_fused_attend_generic_programs_and_strided_tails(monkeypatch, per_sm):
+    """One generic program per (batch, KV head) takes every generic tile (sinks, boundary zone, tails), and
+    fp16 parts whose rows do not start on 16 bytes (strided views, an odd offset) are read right."""
+    from kvlab.kernels import decode_attention
+
+    monkeypatch.setattr(decode_attention, "GENERIC_PER_SM", per_sm)
+    B, H_kv, D = 2, 2, 64
+    assert decode_attention.generic_programs(B * H_kv, decode_attention._num_sms(torch.device(DEVICE))) == (
+        min(decode_attention.N_GENERIC, max(1, per_sm * decode_attention._num_sms(torch.device(DEVICE)) // 4)))
+    layer = filled_layer(B, H_kv, D, KeyChannelCodec(2, 32), ValueTokenCodec(2, 64), 64, 8, 300, 3, torch.bfloat16)
+    wide = torch.zeros(*layer.key_tail.shape[:3], D + 4, device=DEVICE, dtype=torch.bfloat16)
+    wide[..., :D] = layer.key_tail
+    layer.key_tail = wide[..., :D]  # rows 68 elements apart
+    flat = torch.empty(layer.value_tail.numel() + 1, device=DEVICE, dtype=torch.bfloat16)
+    flat[1:] = layer.value_tail.flatten()
+    layer.value_tail = flat[1:].view(layer.value_tail.shape)  # starts 2 bytes into the buffer
+    query = torch.randn(B, H_kv * 4, 1, D, device=DEVICE, dtype=torch.bfloat16)
+    out = fused_attend(layer, query, None, 0.125)
+    assert rel_err(out, reference_attend(layer, query, None, 0.125, compute_dtype=torch.float32)) < 1e-2
+
+
+@here
 def test_fused_attend_prefill_falls_back():
     """Many query rows (prefill) go to the reference path, with the same result."""
     layer = QuantizedLayer(KeyChannelCodec(2, 32), ValueTokenCodec(2, 32), 32, 4)

@@ -19,11 +19,11 @@ so ``Tk >= Tv``). Two launches of one kernel (``ROLE``):
   (``q.k = (q * s).code + q.z``) and, when a value group spans the head (G >= head_dim, the
   default), the value scale folds into ``p`` (``sum_t p_t (c_t s_t + z_t) = (p * s) . c + sum_t
   p_t z_t``), so nothing is dequantized per element.
-* ``N_GENERIC`` programs per (batch row, KV head) handle the rest (sinks, the zone whose keys are
+* up to ``N_GENERIC`` programs per (batch row, KV head) handle the rest (sinks, the zone whose keys are
   quantized but values not yet, the fp16 tails; a few tiles, dealt round-robin), in three
   straight loops (no data-dependent branch that yields tensors: Triton 3.6 miscompiled that
-  form, see docs/kernels.md). They are launched on a side stream, so they run beside the lean
-  programs, not after them.
+  form, see docs/kernels.md). They are launched first, on a side stream, so that they may run beside
+  the lean programs (which leave them few registers: mostly they run before).
 
 A third kernel merges the partial softmax results (log-sum-exp). Each program holds all
 ``n_rep * q_len`` query rows of its KV head (padded to 8), so every KV tile is read once per GQA
@@ -214,13 +214,12 @@ def _gen_values(c0, t0, nq, QUANT: tl.constexpr, vc_ptr, vs_ptr, vz_ptr, fp_ptr,
     c = c0 + tl.arange(0, DC)
     v = tl.load(fp_ptr + fp_rows[:, None] * fst + c[None, :], mask=okf[:, None], other=0.0)
     if QUANT:
-        # the tile's value blocks as they lie: [blocks, channels, 4 byte rows] (ValueTokenCodec)
+        # byte rows t0 / VPER + r, four interleaved per channel (ValueTokenCodec)
         VPER: tl.constexpr = 8 // VBITS
-        NU: tl.constexpr = BNG // (4 * VPER)
-        u = t0 // (4 * VPER) + tl.arange(0, NU)
-        byte = tl.load(vc_ptr + u[:, None, None] * (4 * D) + 4 * c[None, :, None] + tl.arange(0, 4)[None, None, :],
-                       mask=(u * (4 * VPER) < nq)[:, None, None], other=0)
-        codes = _unpacked_rows(tl.reshape(tl.permute(byte, (0, 2, 1)), (4 * NU, DC)), VPER, VBITS, 4 * NU, DC)
+        r = t0 // VPER + tl.arange(0, BNG // VPER)
+        byte = tl.load(vc_ptr + ((r // 4) * (4 * D) + r % 4)[:, None] + 4 * c[None, :],
+                       mask=(r * VPER < nq)[:, None], other=0)
+        codes = _unpacked_rows(byte, VPER, VBITS, BNG // VPER, DC)
         t = t0 + tl.arange(0, BNG)
         okq = t < nq
         if GV == D:
@@ -341,10 +340,13 @@ def _decode_kernel(
     vc_ptr += tl.multiple_of(b * vc_b + h * vc_h, D * VBITS // 8)
     vs_ptr += b * vs_b + h * vs_h
     vz_ptr += b * vs_b + h * vs_h
-    sk_ptr += b * skb + h * skh
-    sv_ptr += b * svb + h * svh
-    kt_ptr += b * ktb + h * kth
-    vt_ptr += b * vtb + h * vth
+    # fp16 parts: rows start on 16 bytes (_fp_view), so that they load as vectors; the strides are rounded
+    # here because a hint on an argument does not take
+    sk_ptr += tl.multiple_of(b * skb + h * skh, 8)
+    sv_ptr += tl.multiple_of(b * svb + h * svh, 8)
+    kt_ptr += tl.multiple_of(b * ktb + h * kth, 8)
+    vt_ptr += tl.multiple_of(b * vtb + h * vth, 8)
+    skt, svt, ktt, vtt = skt // 8 * 8, svt // 8 * 8, ktt // 8 * 8, vtt // 8 * 8
     mask_rows = mask_ptr + b * sm_b + qi * sm_q
 
     m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
@@ -566,7 +568,7 @@ def _fp_view(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, 
     """An fp16 part of the layer (or an empty stand-in) and its strides."""
     if t is None or t.shape[2] == 0:
         return like, 0, 0, 0
-    if t.stride(3) != 1:
+    if t.stride(3) != 1 or any(st % 8 for st in t.stride()[:3]) or t.data_ptr() % 16:
         t = t.contiguous()
     return t, t.stride(0), t.stride(1), t.stride(2)
 
@@ -637,23 +639,32 @@ def _tile_tuning(name: str, default: int) -> int:
 #   no spills): kivi-2 capped at 160 with 12 programs per SM planned (H200 8x32K 90.5 vs 98.2 us uncapped,
 #   16x4K 45.1 vs 47.3), kitty-pro at 168 with 12 per SM (8x32K 111.6 vs 128.4 at 18 per SM), kivi-4 uncapped
 #   with 16 per SM (8x32K 129.3 vs 166.0 capped at 168);
-# * the generic part runs as a second launch of N_GENERIC 4-warp programs per (batch, KV head), tiles of
-#   GENERIC_TILE tokens dealt round-robin, registers capped at 168 (uncapped ~250: 2 programs/SM); 8 programs
-#   and 32-token tiles rather than 4 and 64 (H200 16x4K: kivi-2 37.6 vs 38.9 us, kitty-pro 44.7 vs 53.1;
-#   the generic launch alone at 8x32K 9.0 vs 14.4).
+# * the generic part runs as a second launch of 4-warp programs, tiles of GENERIC_TILE tokens dealt round-robin:
+#   N_GENERIC programs per (batch, KV head), fewer where that would make more than GENERIC_PER_SM per SM, i.e.
+#   one wave (each program costs about a tile chain's latency however few tiles it holds; H200 kivi-2 at 4 / 8 /
+#   no limit per SM: 16x4K 34.1 / 36.6 / 36.5 us, 64x4K 91.8 / 94.5 / 113.5, 32x8K 80.9 / 85.4 / 90.7); registers
+#   capped at 128, 4 programs per SM (ptxas, offline: kivi-2 128 uncapped, kitty-pro 168, no spills at 128;
+#   capped at 168: 64x4K 99.4 us); 32-token tiles rather than 64 (H200 16x4K: kivi-2 37.6 vs 38.9 us, kitty-pro
+#   44.7 vs 53.1).
 LEAN_TILE = _tile_tuning("KVLAB_LEAN_TILE", 64)
 LEAN_WARPS = _tuning("KVLAB_LEAN_WARPS", 1)
 LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", -1)  # -1: by the rule above, 0: no cap
 LEAN_PER_SM = _tuning("KVLAB_LEAN_PER_SM", 0)  # 0: by the rule above
 LEAN_STAGES = _tuning("KVLAB_LEAN_STAGES", 3)  # tiles in flight (Triton's software pipelining)
 N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 8)
+GENERIC_PER_SM = _tuning("KVLAB_GENERIC_PER_SM", 4)
 GENERIC_TILE = _tile_tuning("KVLAB_GENERIC_TILE", 32)  # tokens per generic tile (at most; within one key group)
-MAXNREG = _tuning("KVLAB_MAXNREG", 168)
+MAXNREG = _tuning("KVLAB_MAXNREG", 128)
 CONCURRENT_GENERIC = _tuning("KVLAB_CONCURRENT_GENERIC", 1)  # generic launch on a side stream, beside the lean one
 
 
 def _reg_cap(cap: int) -> dict:
     return {} if triton_interpreting() or not cap else {"maxnreg": cap}
+
+
+def generic_programs(bh: int, sms: int) -> int:
+    """Generic programs per (batch, KV head): N_GENERIC, fewer where that would make more than GENERIC_PER_SM per SM."""
+    return max(1, min(N_GENERIC, GENERIC_PER_SM * sms // bh))
 
 
 def plan_splits(n_lean: int, bh: int, sms: int, per_sm: int) -> tuple[int, int]:
@@ -747,7 +758,8 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         planned = capacity // BN if lean else 0
     lean_cap, per_sm = lean_occupancy(kc)
     tps, n_split = plan_splits(planned, B * HKV, _num_sms(dev), per_sm)
-    n_parts = n_split + N_GENERIC  # + the generic programs (sinks, boundary zone, tails)
+    n_generic = generic_programs(B * HKV, _num_sms(dev))
+    n_parts = n_split + n_generic  # + the generic programs (sinks, boundary zone, tails)
     NR = n_rep * QLEN
     pm = torch.empty(B * HKV * n_parts * NR, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
@@ -769,15 +781,15 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(8, _pow2(NR)), D=D, BN=BN, BNG=_tile_tokens(kc.group_size, GENERIC_TILE),
         G=kc.group_size, KBITS=kc.bits, NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
         VBITS=vc.bits, GV=vc.group_size, LEAN=lean, HAS_MASK=mask is not None, DTYPE=_TL_DTYPE[dtype],
-        META=static is not None, N_GENERIC=N_GENERIC,
+        META=static is not None, N_GENERIC=n_generic,
     )
     # The generic programs are few and latency-bound: on a side stream (a parallel branch of a captured CUDA
-    # graph) they run beside the lean ones instead of after them.
+    # graph) they may run beside the lean ones, where registers allow.
     side = _side_stream(_cuda_index(dev)) if n_split and CONCURRENT_GENERIC and dev.type == "cuda" else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
-        _decode_kernel[(N_GENERIC, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=4, num_stages=3,
+        _decode_kernel[(n_generic, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=4, num_stages=3,
                                              **_reg_cap(MAXNREG))
     if n_split:
         _decode_kernel[(n_split, B * HKV)](*args, **consts, ROLE=ROLE_LEAN.value, num_warps=LEAN_WARPS,
