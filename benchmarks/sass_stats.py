@@ -41,7 +41,8 @@ def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, ou
                 "lo_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "hi_ptr": "*u8", "idx_ptr": "*i16",
                 "vc_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16", "mask_ptr": "*u8", "pm_ptr": "*fp32",
                 "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "step_ptr": "*i32", "meta_ptr": "*i32"}
-    consts = {"HKV": 8, "N_REP": 4, "QLEN": 1, "M_PAD": 8, "D": 128, "BN": tile, "BNG": da._tile_tokens(128, da.GENERIC_TILE), "G": 128, "KBITS": bits,
+    consts = {"HKV": 8, "N_REP": 4, "QLEN": 1, "M_PAD": 8, "D": 128, "BN": tile,
+              "BNG": da._tile_tokens(128, da.GENERIC_TILE), "G": 128, "KBITS": bits,
               "NB": boost, "NB_PAD": max(16, da._pow2(boost)), "HBITS": bits, "VBITS": bits, "GV": 128,
               "LEAN": True, "HAS_MASK": False, "DTYPE": tl.bfloat16, "META": False, "ROLE": role,
               "N_GENERIC": da.N_GENERIC}

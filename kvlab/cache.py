@@ -13,9 +13,9 @@ Keys are quantized in blocks of ``G`` tokens once the key tail exceeds ``R`` tok
 the value tail exceeds ``R`` by a block of ``block_tokens`` (16 at 2 bits; KIVI quantizes them token
 by token, so the value tail here holds up to ``block_tokens - 1`` more fp16 tokens than KIVI's
 sliding window, never fewer). Quantization is deferred to the start of the next ``update``, so
-the attention of the step that appends a token always sees that token in full precision, as in the Kitty and KIVI artifacts. Each
-token is quantized exactly once; ``update`` returns dequantized keys and values for the
-model's attention.
+the attention of the step that appends a token always sees that token in full precision, as in
+the Kitty and KIVI artifacts. Each token is quantized exactly once; ``update`` returns
+dequantized keys and values for the model's attention.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ turns a prefilled :class:`~kvlab.cache.CompressedCache` into such a cache:
 * the schedule replays the reference cache's rule exactly: before a token is appended, a key
   block of ``G`` tokens is quantized when the key tail exceeds ``residual``, a value block (the
   value codec's ``block_tokens``) when the value tail exceeds it by a block. The quantized
-  layer's codes, and so its attention, equal those of the dynamic :class:`~kvlab.cache.QuantizedLayer` fed the same tokens (tested).
+  layer's codes, and so its attention, equal those of the dynamic
+  :class:`~kvlab.cache.QuantizedLayer` fed the same tokens (tested).
 
 Supported layers: fused quantized layers (kivi, kivi*, kitty, kitty-pro on CUDA) and full-precision
 layers (fp16). Other methods decode with the dynamic cache (:func:`static_reason` says why).

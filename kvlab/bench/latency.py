@@ -2,18 +2,19 @@
 
 One run is one cache at one (batch, context): a seeded random prompt of ``context`` token ids per
 row, prefilled as :class:`Prefill` says (one forward call by default), then ``gen_len`` greedy
-decode steps through the cache. kvlab caches decode as ``kvlab.generate`` does: on CUDA, through the static path (the step replayed as
-a CUDA graph, :mod:`kvlab.generate`; its decoder layers compiled unless ``compile_layers`` is
-off) where the method has one, else (and on CPU) the plain loop; the row's ``decode_path`` says
-which. Each step (forward + argmax) is timed on its own, synchronized on CUDA; the first
-``warmup`` steps are dropped. ``ms_per_token`` is the median of the rest and ``tokens_per_s`` =
-``batch * 1000 / ms_per_token`` (tokens of all sequences).
+decode steps through the cache. kvlab caches decode as ``kvlab.generate`` does: on CUDA, through
+the static path (the step replayed as a CUDA graph, :mod:`kvlab.generate`; its decoder layers
+compiled unless ``compile_layers`` is off) where the method has one, else (and on CPU) the plain
+loop; the row's ``decode_path`` says which. Each step (forward + argmax) is timed on its own,
+synchronized on CUDA; the first ``warmup`` steps are dropped. ``ms_per_token`` is the median of
+the rest and ``tokens_per_s`` = ``batch * 1000 / ms_per_token`` (tokens of all sequences).
 
 Rows (the ``rows`` of a ``"kind": "latency"`` result, see :mod:`kvlab.report`)::
 
-    {"method", "batch", "context", "gen_len", "prefill_rows", "prefill_ms", "warmup_s" (untimed first steps: compilation,
-     CUDA-graph recording), "ms_per_token", "ms_per_token_std",
-     "tokens_per_s", "peak_memory_mb" (None on CPU), "cache_bytes", "bits_per_value_all_in", ...}
+    {"method", "batch", "context", "gen_len", "prefill_rows", "prefill_ms",
+     "warmup_s" (untimed first steps: compilation, CUDA-graph recording), "ms_per_token",
+     "ms_per_token_std", "tokens_per_s", "peak_memory_mb" (None on CPU), "cache_bytes",
+     "bits_per_value_all_in", ...}
     {"method", "batch", "context", "oom": true, "error": str}   # ran out of memory
     {"method", "batch", "context", "skipped": str}               # cannot run here (the reason)
 """

@@ -757,8 +757,9 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         step, meta, KR, VR, capacity = static
         planned = capacity // BN if lean else 0
     lean_cap, per_sm = lean_occupancy(kc)
-    tps, n_split = plan_splits(planned, B * HKV, _num_sms(dev), per_sm)
-    n_generic = generic_programs(B * HKV, _num_sms(dev))
+    sms = _num_sms(dev)
+    tps, n_split = plan_splits(planned, B * HKV, sms, per_sm)
+    n_generic = generic_programs(B * HKV, sms)
     n_parts = n_split + n_generic  # + the generic programs (sinks, boundary zone, tails)
     NR = n_rep * QLEN
     pm = torch.empty(B * HKV * n_parts * NR, dtype=torch.float32, device=dev)
@@ -778,8 +779,8 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         step, meta, KR, VR,
     )
     consts = dict(
-        HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(8, _pow2(NR)), D=D, BN=BN, BNG=_tile_tokens(kc.group_size, GENERIC_TILE),
-        G=kc.group_size, KBITS=kc.bits, NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
+        HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(8, _pow2(NR)), D=D, BN=BN,
+        BNG=_tile_tokens(kc.group_size, GENERIC_TILE), G=kc.group_size, KBITS=kc.bits, NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
         VBITS=vc.bits, GV=vc.group_size, LEAN=lean, HAS_MASK=mask is not None, DTYPE=_TL_DTYPE[dtype],
         META=static is not None, N_GENERIC=n_generic,
     )
