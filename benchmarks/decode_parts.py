@@ -1,5 +1,7 @@
 """Where one fused decode-attention call spends its device time: the lean launch (packed tiles),
-the generic launch (sinks, the key/value boundary zone, fp16 tails) and the merge, by the profiler.
+the generic launch (sinks, the key/value boundary zone, fp16 tails) and the merge kernel, by the profiler
+(the merge kernel runs only where a pair has more than ``MERGE_PARTS`` partials; otherwise the last
+program of each pair merges, inside the launches, and the column reads 0).
 
     python benchmarks/decode_parts.py [--methods kivi-2 kitty-pro] [--cases 16x4096 8x32768 64x4096]
 

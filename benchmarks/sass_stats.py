@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, outdir: str) -> tuple[str, str]:
+def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, merge: bool,
+                   outdir: str) -> tuple[str, str]:
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -40,16 +41,18 @@ def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, ou
     pointers = {"q_ptr": "*bf16", "sk_ptr": "*bf16", "sv_ptr": "*bf16", "kt_ptr": "*bf16", "vt_ptr": "*bf16",
                 "lo_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "hi_ptr": "*u8", "idx_ptr": "*i16",
                 "vc_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16", "mask_ptr": "*u8", "pm_ptr": "*fp32",
-                "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "step_ptr": "*i32", "meta_ptr": "*i32"}
+                "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "out_ptr": "*bf16", "ticket_ptr": "*i32", "step_ptr": "*i32",
+                "meta_ptr": "*i32"}
+    warps = 1 if role == 1 else 4
     consts = {"HKV": 8, "N_REP": 4, "QLEN": 1, "M_PAD": 8, "D": 128, "BN": tile,
               "BNG": da._tile_tokens(128, da.GENERIC_TILE), "G": 128, "KBITS": bits,
               "NB": boost, "NB_PAD": max(16, da._pow2(boost)), "HBITS": bits, "VBITS": bits, "GV": 128,
               "LEAN": True, "HAS_MASK": False, "DTYPE": tl.bfloat16, "META": False, "ROLE": role,
-              "N_GENERIC": da.N_GENERIC}
+              "N_GENERIC": da.N_GENERIC, "MERGE_RP": 4, "MERGE_CH": da.MERGE_LOAD_REGS * 32 * warps // (4 * 128) if merge else 0}
     signature = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
                  for n in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in pointers}
-    options = {"num_warps": 1 if role == 1 else 4, "num_stages": 3, **({"maxnreg": maxnreg} if maxnreg else {})}
+    options = {"num_warps": warps, "num_stages": 3, **({"maxnreg": maxnreg} if maxnreg else {})}
     kernel = triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=aligned),
                             target=GPUTarget("cuda", 90, 32), options=options)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -85,10 +88,12 @@ def main() -> None:
     p.add_argument("--role", choices=["lean", "generic"], default="lean")
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--tile", type=int, default=64, choices=[64, 128], help="lean tile tokens")
+    p.add_argument("--no-merge", action="store_true", help="without the merge by the last program")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         role = 1 if args.role == "lean" else 2
-        usage, sass = compile_kernel(args.bits, args.boost, role, args.maxnreg, args.tile, tmp)
+        usage, sass = compile_kernel(args.bits, args.boost, role, args.maxnreg, args.tile, not args.no_merge,
+                                     tmp)
     regs = re.findall(r"Used (\d+) registers", usage)
     spills = re.findall(r"(\d+) bytes spill stores", usage)
     found = loops(sass)

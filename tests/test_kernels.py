@@ -206,6 +206,27 @@ def test_fused_attend_generic_programs_and_strided_tails(monkeypatch, per_sm):
 
 
 @here
+@pytest.mark.parametrize("merge_parts", [0, 64])
+def test_fused_attend_merges_partials_by_the_last_program_or_the_merge_kernel(monkeypatch, merge_parts):
+    """Partials merged by the last program of each (batch, KV head) (in chunks, the last one partial) or by the
+    merge kernel: the reference's result, twice in a row, and the arrival counters are back at 0 after a call."""
+    from kvlab.kernels import decode_attention
+
+    monkeypatch.setattr(decode_attention, "MERGE_PARTS", merge_parts)
+    layer = filled_layer(1, 2, 64, KeyChannelCodec(2, 64), ValueTokenCodec(2, 64), 64, 4, 700, 2, torch.bfloat16)
+    for _ in range(2):
+        query = torch.randn(1, 8, 1, 64, device=DEVICE, dtype=torch.bfloat16)
+        out = fused_attend(layer, query, None, 0.125)
+        assert rel_err(out, reference_attend(layer, query, None, 0.125, compute_dtype=torch.float32)) < 1e-2
+        assert all(not t.any() for held in decode_attention._TICKETS.values() for t in held)
+    _, n_split = decode_attention.plan_splits(layer.key_store.tokens // 64, 2, decode_attention._num_sms(
+        torch.device(DEVICE)), 12)
+    n_parts = n_split + decode_attention.generic_programs(2, decode_attention._num_sms(torch.device(DEVICE)))
+    chunk = decode_attention.merge_chunk(n_parts, 4, 64, 1)
+    assert (chunk == 0) == (merge_parts == 0) and (merge_parts == 0 or n_parts % chunk)  # a partial last chunk
+
+
+@here
 def test_fused_attend_prefill_falls_back():
     """Many query rows (prefill) go to the reference path, with the same result."""
     layer = QuantizedLayer(KeyChannelCodec(2, 32), ValueTokenCodec(2, 32), 32, 4)
@@ -302,11 +323,14 @@ def test_static_layer_matches_dynamic(B, H_kv, n_rep, D, bits, group, nb, sinks,
 
 
 @here
-@pytest.mark.parametrize("n_rep,pad", [(1, False), (4, True)])
-def test_static_dense_matches_sdpa(n_rep, pad):
+@pytest.mark.parametrize("n_rep,pad,merge_parts", [(1, False, 0), (4, True, 32)])
+def test_static_dense_matches_sdpa(monkeypatch, n_rep, pad, merge_parts):
     from kvlab.cache import FullPrecisionLayer
+    from kvlab.kernels import decode_attention
     from kvlab.kernels.reference import keep_mask
     from kvlab.static import StaticDenseLayer
+
+    monkeypatch.setattr(decode_attention, "MERGE_PARTS", merge_parts)  # the merge kernel / the last program
 
     B, H, D, prompt, steps = 2, 2, 64, 150, 5
     layer = FullPrecisionLayer()

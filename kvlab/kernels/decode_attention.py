@@ -25,7 +25,9 @@ so ``Tk >= Tv``). Two launches of one kernel (``ROLE``):
   form, see docs/kernels.md). They are launched first, on a side stream, so that they may run beside
   the lean programs (which leave them few registers: mostly they run before).
 
-A third kernel merges the partial softmax results (log-sum-exp). Each program holds all
+The partial softmax results (log-sum-exp) are merged by the last program of each (batch row, KV head) to
+finish (an arrival counter per pair), or, where a pair has more than ``MERGE_PARTS`` programs, by a merge
+kernel after the launches. Each program holds all
 ``n_rep * q_len`` query rows of its KV head (padded to 8), so every KV tile is read once per GQA
 group.
 """
@@ -268,11 +270,54 @@ def _gen_step(s, keep, m_i, l_i, acc0, acc1, acc2, acc3, t0, nq, QUANT: tl.const
     return m_new, l_i, acc0, acc1, acc2, acc3
 
 
+# -- merging the partials -----------------------------------------------------------------------
+
+@triton.jit
+def _merge_rows(pm_ptr, pl_ptr, pacc_ptr, base, n_parts, rows, row_ok, dst, NR: tl.constexpr, D: tl.constexpr,
+                RP: tl.constexpr, CH: tl.constexpr):
+    """Merges the ``n_parts`` softmax partials (max, sum, unnormalised output; partial ``p`` of row ``r`` at
+    ``base + p * NR + r``) of rows ``rows [RP]`` of one (batch, KV head), CH partials per load, and stores the
+    normalised rows at ``dst[:, None] + d``. The loads bypass L1 (``.cg``): other programs wrote the partials."""
+    d = tl.arange(0, D)
+    p = tl.arange(0, CH)
+    m_run = tl.full((RP,), float("-inf"), tl.float32)
+    den = tl.zeros((RP,), tl.float32)
+    acc = tl.zeros((RP, D), tl.float32)
+    for c0 in range(0, n_parts, CH):
+        at = base + (c0 + p)[:, None] * NR + rows[None, :]  # [CH, RP]
+        ok = (c0 + p < n_parts)[:, None] & row_ok[None, :]
+        m = tl.load(pm_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_p = tl.load(pl_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+        x = tl.load(pacc_ptr + at[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible so far
+        alpha = tl.exp2(m_run - m_safe)
+        w = tl.exp2(m - m_safe[None, :])
+        den = den * alpha + tl.sum(w * l_p, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * x, axis=0)
+        m_run = m_new
+    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]  # fully masked rows give 0
+    tl.store(dst[:, None] + d[None, :], out.to(dst.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_if_last(ticket_ptr, n_parts, pm_ptr, pl_ptr, pacc_ptr, base, rows, row_ok, dst, NR: tl.constexpr,
+                   D: tl.constexpr, RP: tl.constexpr, CH: tl.constexpr):
+    """Called by each of a (batch, KV head)'s ``n_parts`` programs once its partial is stored: the last to arrive
+    merges them all and sets the counter back to 0 for the next call. The barrier puts every thread's stores
+    before the counter's release; the acquire puts the other programs' stores before the merge's loads."""
+    tl.debug_barrier()
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == n_parts - 1:
+        _merge_rows(pm_ptr, pl_ptr, pacc_ptr, base, n_parts, rows, row_ok, dst, NR, D, RP, CH)
+        tl.atomic_xchg(ticket_ptr, 0)
+
+
 _INT_ARGS = [
     "sq_b", "sq_h", "sq_t",
     "skb", "skh", "skt", "svb", "svh", "svt", "ktb", "kth", "ktt", "vtb", "vth", "vtt",
     "lo_b", "lo_h", "ks_b", "ks_h", "hi_b", "hi_h", "ix_b", "ix_h", "vc_b", "vc_h", "vs_b", "vs_h",
-    "sm_b", "sm_q", "S", "Tk", "Tv", "Rk", "n_lean", "n_split", "TPS", "KR", "VR",
+    "sm_b", "sm_q", "S", "Tk", "Tv", "Rk", "n_lean", "n_split", "TPS", "KR", "VR", "so_b", "so_t", "so_h",
 ]
 
 # Columns of a static cache's per-step schedule (kvlab.static): sinks, quantized keys, quantized
@@ -292,16 +337,19 @@ def _decode_kernel(
     lo_ptr, ks_ptr, kz_ptr, hi_ptr, idx_ptr, vc_ptr, vs_ptr, vz_ptr,
     lo_b, lo_h, ks_b, ks_h, hi_b, hi_h, ix_b, ix_h, vc_b, vc_h, vs_b, vs_h,
     mask_ptr, sm_b, sm_q,
-    pm_ptr, pl_ptr, pacc_ptr,
+    pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_t, so_h, ticket_ptr,
     S, Tk, Tv, Rk, n_lean, n_split, TPS, qk_scale,
     step_ptr, meta_ptr, KR, VR,
     HKV: tl.constexpr, N_REP: tl.constexpr, QLEN: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
     BN: tl.constexpr, BNG: tl.constexpr, G: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr,
     NB_PAD: tl.constexpr, HBITS: tl.constexpr, VBITS: tl.constexpr, GV: tl.constexpr,
     LEAN: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr, META: tl.constexpr, ROLE: tl.constexpr,
-    N_GENERIC: tl.constexpr,
+    N_GENERIC: tl.constexpr, MERGE_RP: tl.constexpr, MERGE_CH: tl.constexpr,
 ):
-    """META: lengths come from row ``*step_ptr`` of the schedule ``meta_ptr`` and the tails are rings
+    """MERGE_CH > 0: the last program of each (batch, KV head) merges the partials (``_merge_if_last``), MERGE_CH
+    of them per load, into ``out``; otherwise the merge kernel runs after the launches.
+
+    META: lengths come from row ``*step_ptr`` of the schedule ``meta_ptr`` and the tails are rings
     (token ``t`` of the key tail in row ``t % KR``, of the value tail in ``t % VR``): a static cache
     whose launches a CUDA graph replays. Otherwise the tails start at rows 0 and lengths are arguments."""
     if META:
@@ -483,40 +531,29 @@ def _decode_kernel(
             tl.store(dst + 3 * D // NCH, acc3, mask=row_ok[:, None])
     tl.store(pm_ptr + part + rows, m_i, mask=row_ok)
     tl.store(pl_ptr + part + rows, l_i, mask=row_ok)
+    if MERGE_CH > 0:
+        mrows = tl.arange(0, MERGE_RP)
+        dst = out_ptr + b * so_b + (mrows % QLEN) * so_t + (h * N_REP + mrows // QLEN) * so_h
+        _merge_if_last(ticket_ptr + pid_bh, n_parts, pm_ptr, pl_ptr, pacc_ptr, pid_bh.to(tl.int64) * n_parts * NR,
+                       mrows, mrows < NR, dst, NR, D, MERGE_RP, MERGE_CH)
 
 
 @triton.jit(do_not_specialize=["n_parts", "so_b", "so_t", "so_h"])
 def _combine_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, n_parts, so_b, so_t, so_h,
-                    HKV: tl.constexpr, N_REP: tl.constexpr, QLEN: tl.constexpr, D: tl.constexpr,
-                    PART_PAD: tl.constexpr, CHUNK: tl.constexpr):
+                    HKV: tl.constexpr, N_REP: tl.constexpr, QLEN: tl.constexpr, D: tl.constexpr, CH: tl.constexpr):
     NR: tl.constexpr = N_REP * QLEN
     pid_bh = tl.program_id(0)
-    row = tl.program_id(1)
-    base = pid_bh.to(tl.int64) * n_parts * NR + row
-    sp = tl.arange(0, PART_PAD)
-    m = tl.load(pm_ptr + base + sp * NR, mask=sp < n_parts, other=float("-inf"))
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    d = tl.arange(0, D)
-    acc = tl.zeros((CHUNK, D), tl.float32)
-    den = tl.zeros((CHUNK,), tl.float32)
-    for c0 in range(0, n_parts, CHUNK):
-        spc = c0 + tl.arange(0, CHUNK)
-        ok = spc < n_parts
-        w = tl.exp2(tl.load(pm_ptr + base + spc * NR, mask=ok, other=float("-inf")) - m_max)
-        den += w * tl.load(pl_ptr + base + spc * NR, mask=ok, other=0.0)
-        acc += w[:, None] * tl.load(pacc_ptr + (base + spc * NR)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-    denom = tl.sum(den, axis=0)
-    acc = tl.sum(acc, axis=0)
-    out = acc / tl.where(denom == 0.0, 1.0, denom)
+    rows = tl.program_id(1) + tl.arange(0, 1)
     b = (pid_bh // HKV).to(tl.int64)
     h = pid_bh % HKV
-    dst = out_ptr + b * so_b + (row % QLEN) * so_t + (h * N_REP + row // QLEN) * so_h + d
-    tl.store(dst, out.to(out_ptr.dtype.element_ty))
+    dst = out_ptr + b * so_b + (rows % QLEN) * so_t + (h * N_REP + rows // QLEN) * so_h
+    _merge_rows(pm_ptr, pl_ptr, pacc_ptr, pid_bh.to(tl.int64) * n_parts * NR, n_parts, rows, rows < NR, dst, NR, D,
+                1, CH)
 
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _DUMMIES: dict = {}
+_TICKETS: dict = {}
 
 
 def _cuda_index(device: torch.device) -> int:
@@ -543,6 +580,26 @@ def _dummy(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if key not in _DUMMIES:
         _DUMMIES[key] = torch.zeros(16, dtype=dtype, device=device)
     return _DUMMIES[key]
+
+
+def _tickets(device: torch.device, pairs: int) -> torch.Tensor:
+    """Arrival counters, one per (batch, KV head), for the merge by the last program: 0 between calls (the
+    merging program sets its own back). One buffer per device and stream, grown but never freed, since a
+    captured CUDA graph keeps the address it was recorded with."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    held = _TICKETS.setdefault((device, stream), [])
+    if not held or held[-1].numel() < pairs:
+        held.append(torch.zeros(max(pairs, 4096), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def merge_chunk(n_parts: int, rows: int, D: int, warps: int) -> int:
+    """Partials per load when the last program of a (batch, KV head) merges them itself (MERGE_LOAD_REGS
+    registers per thread for the load), or 0 where a pair has more than MERGE_PARTS partials: a long chain of
+    loads on one program, so the merge kernel runs after the launch instead."""
+    if n_parts > MERGE_PARTS:
+        return 0
+    return max(1, min(_pow2(n_parts), MERGE_LOAD_REGS * 32 * warps // (rows * D)))
 
 
 def _tile_tokens(group_size: int, limit: int) -> int:
@@ -642,20 +699,27 @@ def _tile_tuning(name: str, default: int) -> int:
 # * the generic part runs as a second launch of 4-warp programs, tiles of GENERIC_TILE tokens dealt round-robin:
 #   N_GENERIC programs per (batch, KV head), fewer where that would make more than GENERIC_PER_SM per SM, i.e.
 #   one wave (each program costs about a tile chain's latency however few tiles it holds; H200 kivi-2 at 4 / 8 /
-#   no limit per SM: 16x4K 34.1 / 36.6 / 36.5 us, 64x4K 91.8 / 94.5 / 113.5, 32x8K 80.9 / 85.4 / 90.7); registers
+#   no limit per SM: 16x4K 34.1 / 36.6 / 36.5 us, 64x4K 91.8 / 94.5 / 113.5, 32x8K 80.9 / 85.4 / 90.7; N_GENERIC 4
+#   rather than 8 where pairs are few: 8x32K kivi-4 114.7 vs 133.4 us, kivi-2 76.1 vs 77.3, 1x8K kivi-2 10.8 vs
+#   11.5, 1x128K 45.4 vs 46.8; 2 was within 1.7 us of 4 either way); registers
 #   capped at 128, 4 programs per SM (ptxas, offline: kivi-2 128 uncapped, kitty-pro 168, no spills at 128;
 #   capped at 168: 64x4K 99.4 us); 32-token tiles rather than 64 (H200 16x4K: kivi-2 37.6 vs 38.9 us, kitty-pro
-#   44.7 vs 53.1).
+#   44.7 vs 53.1);
+# * the last program of a (batch, KV head) merges the partials where there are at most MERGE_PARTS of them (H200
+#   kivi-2, merge kernel vs last program: 64x4K, 4 partials, 92.5 vs 86.9 us; 32x8K, 8: 81.3 vs 78.6; but 16x4K,
+#   15: 34.1 vs 35.1; 8x32K, 32: 77.4 vs 79.8; 1x128K, 206: 46.9 vs 68.1: one warp's chain of loads).
 LEAN_TILE = _tile_tuning("KVLAB_LEAN_TILE", 64)
 LEAN_WARPS = _tuning("KVLAB_LEAN_WARPS", 1)
 LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", -1)  # -1: by the rule above, 0: no cap
 LEAN_PER_SM = _tuning("KVLAB_LEAN_PER_SM", 0)  # 0: by the rule above
 LEAN_STAGES = _tuning("KVLAB_LEAN_STAGES", 3)  # tiles in flight (Triton's software pipelining)
-N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 8)
+N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 4)
 GENERIC_PER_SM = _tuning("KVLAB_GENERIC_PER_SM", 4)
 GENERIC_TILE = _tile_tuning("KVLAB_GENERIC_TILE", 32)  # tokens per generic tile (at most; within one key group)
 MAXNREG = _tuning("KVLAB_MAXNREG", 128)
 CONCURRENT_GENERIC = _tuning("KVLAB_CONCURRENT_GENERIC", 1)  # generic launch on a side stream, beside the lean one
+MERGE_PARTS = _tuning("KVLAB_MERGE_PARTS", 8)  # at most this many partials per pair: merged by the last program
+MERGE_LOAD_REGS = 64
 
 
 def _reg_cap(cap: int) -> dict:
@@ -762,9 +826,11 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     n_generic = generic_programs(B * HKV, sms)
     n_parts = n_split + n_generic  # + the generic programs (sinks, boundary zone, tails)
     NR = n_rep * QLEN
-    pm = torch.empty(B * HKV * n_parts * NR, dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(B * HKV * n_parts * NR, D, dtype=torch.float32, device=dev)
+    pm, pl, pacc = partials(B * HKV, n_parts, NR, D, dev)
+    out = torch.empty(B, QLEN, HQ, D, dtype=dtype, device=dev)
+    merge_rp = _pow2(NR)
+    merges = merge_chunk(n_parts, merge_rp, D, 1) > 0
+    tickets = _tickets(dev, B * HKV) if merges else _dummy(torch.int32, dev)
     scale = (scaling if scaling is not None else 1.0 / math.sqrt(D)) * LOG2E
     q = query if query.stride(3) == 1 else query.contiguous()
 
@@ -774,15 +840,16 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         lo, ks, kz, hi, idx, vcodes, vs, vz,
         *bh(lo), *bh(ks), *bh(hi), *bh(idx), *bh(vcodes), *bh(vs),
         mask_u8, sm_b, sm_q,
-        pm, pl, pacc,
+        pm, pl, pacc, out, out.stride(0), out.stride(1), out.stride(2), tickets,
         S, Tk, Tv, Rk, n_lean, n_split, tps, scale,
         step, meta, KR, VR,
     )
     consts = dict(
         HKV=HKV, N_REP=n_rep, QLEN=QLEN, M_PAD=max(8, _pow2(NR)), D=D, BN=BN,
-        BNG=_tile_tokens(kc.group_size, GENERIC_TILE), G=kc.group_size, KBITS=kc.bits, NB=NB, NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
+        BNG=_tile_tokens(kc.group_size, GENERIC_TILE), G=kc.group_size, KBITS=kc.bits, NB=NB,
+        NB_PAD=max(16, _pow2(NB)), HBITS=max(1, kc.boost_bits - kc.bits),
         VBITS=vc.bits, GV=vc.group_size, LEAN=lean, HAS_MASK=mask is not None, DTYPE=_TL_DTYPE[dtype],
-        META=static is not None, N_GENERIC=n_generic,
+        META=static is not None, N_GENERIC=n_generic, MERGE_RP=merge_rp,
     )
     # The generic programs are few and latency-bound: on a side stream (a parallel branch of a captured CUDA
     # graph) they may run beside the lean ones, where registers allow.
@@ -791,22 +858,30 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
         _decode_kernel[(n_generic, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=4, num_stages=3,
-                                             **_reg_cap(MAXNREG))
+                                             MERGE_CH=merge_chunk(n_parts, merge_rp, D, 4), **_reg_cap(MAXNREG))
     if n_split:
         _decode_kernel[(n_split, B * HKV)](*args, **consts, ROLE=ROLE_LEAN.value, num_warps=LEAN_WARPS,
-                                           num_stages=LEAN_STAGES, **_reg_cap(lean_cap))
+                                           num_stages=LEAN_STAGES, **_reg_cap(lean_cap),
+                                           MERGE_CH=merge_chunk(n_parts, merge_rp, D, LEAN_WARPS))
     if side is not None:
         torch.cuda.current_stream(dev).wait_stream(side)
-    return combine(pm, pl, pacc, B, HKV, n_rep, QLEN, D, n_parts, dtype)
+    if not merges:
+        combine(pm, pl, pacc, out, HKV, n_rep, n_parts)
+    return out
 
 
-def combine(pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor, B: int, HKV: int, n_rep: int, QLEN: int,
-            D: int, n_parts: int, dtype: torch.dtype) -> torch.Tensor:
-    """Merges per-program softmax partials (max, sum, unnormalised output) -> ``[B, q_len, Hq, D]``."""
-    out = torch.empty(B, QLEN, HKV * n_rep, D, dtype=dtype, device=pm.device)
+def partials(pairs: int, n_parts: int, rows: int, D: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Storage for the programs' softmax partials: max and sum ``[pairs * n_parts * rows]``, unnormalised
+    output ``[.., D]``, fp32."""
+    pm = torch.empty(pairs * n_parts * rows, dtype=torch.float32, device=device)
+    return pm, torch.empty_like(pm), torch.empty(pairs * n_parts * rows, D, dtype=torch.float32, device=device)
+
+
+def combine(pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor, out: torch.Tensor, HKV: int, n_rep: int,
+            n_parts: int) -> None:
+    """Merges per-program softmax partials (max, sum, unnormalised output) into ``out [B, q_len, Hq, D]``."""
+    B, QLEN, _, D = out.shape
     _combine_kernel[(B * HKV, n_rep * QLEN)](
         pm, pl, pacc, out, n_parts, out.stride(0), out.stride(1), out.stride(2),
-        HKV=HKV, N_REP=n_rep, QLEN=QLEN, D=D, PART_PAD=_pow2(n_parts), CHUNK=min(32, _pow2(n_parts)),
-        num_warps=4,
+        HKV=HKV, N_REP=n_rep, QLEN=QLEN, D=D, CH=min(32, _pow2(n_parts)), num_warps=4,
     )
-    return out

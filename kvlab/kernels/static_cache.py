@@ -9,7 +9,8 @@ Every length comes from the device: row ``*step`` of a layer's schedule ``meta``
   key and value into the tail rings. Same arithmetic as :mod:`.quant_pack` (bit-identical codes).
 * :func:`dense_append`: the new token into a dense ``[B, H, capacity, D]`` buffer at row ``L - 1``.
 * :func:`dense_attend`: flash-decoding over the first ``L`` rows of dense buffers, GQA-aware,
-  with the same partials and merge as the packed decode kernel.
+  with the same partials and merge (by the last program of a pair, or the merge kernel) as the packed
+  decode kernel.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ import triton.language as tl
 from kvlab.kernels.decode_attention import (
     _TL_DTYPE,
     LOG2E,
+    _dummy,
+    _merge_if_last,
     _num_sms,
     _pow2,
+    _tickets,
     combine,
+    merge_chunk,
+    partials,
     safe_dot,
 )
 from kvlab.kernels.quant_pack import _key_block, _store_key_block, _store_value_tokens, _value_codes
@@ -108,11 +114,12 @@ def dense_append(keys: torch.Tensor, values: torch.Tensor, key: torch.Tensor, va
                                    keys, values, cap, step, meta, H=H, D=D, num_warps=1)
 
 
-@triton.jit(do_not_specialize=["sq_b", "sq_h", "cap", "sm_b", "TPS"])
+@triton.jit(do_not_specialize=["sq_b", "sq_h", "cap", "sm_b", "TPS", "so_b", "so_h"])
 def _dense_decode_kernel(q_ptr, sq_b, sq_h, k_ptr, v_ptr, cap, mask_ptr, sm_b, pm_ptr, pl_ptr, pacc_ptr,
-                         step_ptr, meta_ptr, TPS, qk_scale,
+                         out_ptr, so_b, so_h, ticket_ptr, step_ptr, meta_ptr, TPS, qk_scale,
                          HKV: tl.constexpr, N_REP: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                         BN: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr):
+                         BN: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr, MERGE_RP: tl.constexpr,
+                         MERGE_CH: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -147,10 +154,16 @@ def _dense_decode_kernel(q_ptr, sq_b, sq_h, k_ptr, v_ptr, cap, mask_ptr, sm_b, p
         v = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + safe_dot(p.to(DTYPE), v)
         m_i = m_new
-    part = (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_s) * N_REP
+    n_parts = tl.num_programs(0)
+    part = (pid_bh.to(tl.int64) * n_parts + pid_s) * N_REP
     tl.store(pm_ptr + part + rows, m_i, mask=row_ok)
     tl.store(pl_ptr + part + rows, l_i, mask=row_ok)
     tl.store(pacc_ptr + (part + rows)[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+    if MERGE_CH > 0:
+        mrows = tl.arange(0, MERGE_RP)
+        _merge_if_last(ticket_ptr + pid_bh, n_parts, pm_ptr, pl_ptr, pacc_ptr, pid_bh.to(tl.int64) * n_parts * N_REP,
+                       mrows, mrows < N_REP, out_ptr + b * so_b + (h * N_REP + mrows) * so_h, N_REP, D, MERGE_RP,
+                       MERGE_CH)
 
 
 def dense_split(capacity: int, bh: int, device: torch.device, block: int = 64) -> tuple[int, int]:
@@ -170,17 +183,19 @@ def dense_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     n_rep = HQ // HKV
     tps, n_split = dense_split(cap, B * HKV, query.device)
     dev = query.device
-    pm = torch.empty(B * HKV * n_split * n_rep, dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(B * HKV * n_split * n_rep, D, dtype=torch.float32, device=dev)
+    pm, pl, pacc = partials(B * HKV, n_split, n_rep, D, dev)
+    out = torch.empty(B, QLEN, HQ, D, dtype=query.dtype, device=dev)
+    merge_ch = merge_chunk(n_split, _pow2(n_rep), D, 4)
+    tickets = _tickets(dev, B * HKV) if merge_ch else _dummy(torch.int32, dev)
     scale = (scaling if scaling is not None else 1.0 / math.sqrt(D)) * LOG2E
     q = query if query.stride(3) == 1 else query.contiguous()
     mask = valid.view(torch.uint8) if valid is not None else pm
     _dense_decode_kernel[(n_split, B * HKV)](
         q, q.stride(0), q.stride(1), keys, values, cap, mask, valid.stride(0) if valid is not None else 0,
-        pm, pl, pacc, step, meta, tps, scale,
+        pm, pl, pacc, out, out.stride(0), out.stride(2), tickets, step, meta, tps, scale,
         HKV=HKV, N_REP=n_rep, M_PAD=max(16, _pow2(n_rep)), D=D, BN=64, HAS_MASK=valid is not None,
-        DTYPE=_TL_DTYPE[query.dtype], num_warps=4, num_stages=3,
+        DTYPE=_TL_DTYPE[query.dtype], MERGE_RP=_pow2(n_rep), MERGE_CH=merge_ch, num_warps=4, num_stages=3,
     )
-    return combine(pm, pl, pacc, B, HKV, n_rep, QLEN, D, n_split, query.dtype)
-
+    if not merge_ch:
+        combine(pm, pl, pacc, out, HKV, n_rep, n_split)
+    return out
