@@ -205,12 +205,20 @@ def test_find_max_batch_starts_at_the_linear_prediction():
     # exact prediction: memory for 37 sequences -> probes 1, 2, then 37 fits and 38 does not
     best, probes = lat.find_max_batch(fits_up_to(37), memory=10 + 3 * 37.5)
     assert (best, probes) == (37, [[1, True], [2, True], [37, True], [38, False]])
-    # memory overestimated (guess 50): walks down by 1, 2, 4, 8 until a fit, then bisects
+    # memory overestimated (guess 50): after a failure the midpoint, after a fit the (refined) prediction
     best, probes = lat.find_max_batch(fits_up_to(37), memory=10 + 3 * 50)
-    assert best == 37 and [b for b, _ in probes] == [1, 2, 50, 49, 47, 43, 35, 39, 37, 38]
+    assert best == 37 and [b for b, _ in probes] == [1, 2, 50, 26, 49, 37, 48, 42, 39, 38]
     # memory underestimated (guess 20): walks up by 1, 2, 4, ..., then bisects
     best, probes = lat.find_max_batch(fits_up_to(37), memory=10 + 3 * 20)
     assert best == 37 and [b for b, _ in probes] == [1, 2, 20, 21, 23, 27, 35, 51, 43, 39, 37, 38]
+
+    # batches 1 and 2 understate the slope (as the 2-bit caches' probes did on the H200, by half; here by
+    # two thirds): the guess is 3x too large, the first batch that fits after it corrects the slope
+    def understated(b):
+        return None if b > 170 else (14 + b if b <= 2 else 10 + 3 * b)
+
+    best, probes = lat.find_max_batch(understated, memory=10 + 3 * 170.5)
+    assert best == 170 and [b for b, _ in probes] == [1, 2, 507, 254, 128, 170, 171]
     assert lat.find_max_batch(lambda b: None, memory=100) == (0, [[1, False]])
     assert lat.find_max_batch(fits_up_to(1), memory=100) == (1, [[1, True], [2, False]])
     assert lat.find_max_batch(fits_up_to(100), memory=1e9, limit=6) == (6, [[1, True], [2, True], [6, True]])

@@ -412,6 +412,11 @@ def test_tuning_override_must_be_an_integer(monkeypatch):
     monkeypatch.setenv("KVLAB_LEAN_TILE", "sixty-four")
     with pytest.raises(ValueError, match="KVLAB_LEAN_TILE='sixty-four': kvlab's kernel tuning overrides take an integer"):
         _tuning("KVLAB_LEAN_TILE", 64)
+    monkeypatch.setenv("KVLAB_MAXNREG", "-8")  # a negative register cap went on to Triton (a traceback)
+    with pytest.raises(ValueError, match="KVLAB_MAXNREG=-8: takes an integer >= 0"):
+        _tuning("KVLAB_MAXNREG", 128)
+    monkeypatch.setenv("KVLAB_LEAN_MAXNREG", "-1")  # -1: the per-configuration rule
+    assert _tuning("KVLAB_LEAN_MAXNREG", -1, -1) == -1
 
 
 @pytest.mark.parametrize("value", ["0", "48", "8"])

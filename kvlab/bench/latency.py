@@ -254,53 +254,40 @@ def run_grid(model, cases: list[Case], batch_sizes: list[int], contexts: list[in
 def find_max_batch(fits: Callable[[int], float | None], memory: float,
                    limit: int = MAX_PROBE_BATCH) -> tuple[int, list[list]]:
     """The largest batch ``b`` for which ``fits(b)`` returns the run's peak memory in bytes (None: out
-    of memory). Peak memory is close to linear in the batch (weights + batch x per-sequence cache
-    and activations), so batches 1 and 2 predict the batch that fills ``memory`` bytes; the search
-    starts there, steps up (or down) by 1, 2, 4, ... until it brackets the limit, then bisects.
-    Each probe at a large batch prefills batch x context tokens, so the prediction saves most of
-    the time of plain doubling. Returns (batch, [[probed batch, fits], ...]); 0 when batch 1 does
-    not fit, ``limit`` when nothing up to it fails."""
+    of memory). Peak memory grows about linearly with the batch (weights + batch x per-sequence cache
+    and activations), but at batches 1 and 2 other transients can decide the peak, so every probe that
+    fits refines the slope (from batch 1 to it) and predicts the batch that fills ``memory`` bytes; the
+    next probe is that prediction (stepping up by 1, 2, 4, ... once a prediction is used up), or, after
+    a probe that failed, the midpoint between the largest fit and the smallest failure. Each probe at a
+    large batch prefills batch x context tokens, so the predictions save most of the time of plain
+    doubling. Returns (batch, [[probed batch, fits], ...]); 0 when batch 1 does not fit, ``limit`` when
+    nothing up to it fails."""
     probes: list[list] = []
-
-    def probe(b: int) -> float | None:
-        peak = fits(b)
-        probes.append([b, peak is not None])
-        return peak
-
-    one = probe(1)
+    one = fits(1)
+    probes.append([1, one is not None])
     if one is None or limit == 1:
         return (0 if one is None else 1), probes
-    two = probe(2)
-    if two is None:
-        return 1, probes
-    per_sequence = max(two - one, 1.0)
-    guess = max(2, min(limit, int((memory - (one - per_sequence)) // per_sequence)))
-    fit, fail, step = 2, None, 1
-    if guess > 2 and probe(guess) is not None:  # walk up from the guess
-        fit = b = guess
-        while fail is None and fit < limit:
-            b = min(limit, fit + step)
-            if probe(b) is None:
-                fail = b
-            else:
-                fit, step = b, 2 * step
-    elif guess > 2:  # walk down
-        fail = guess
-        while fail - fit > 1:
-            b = max(fit + 1, fail - step)
-            if probe(b) is not None:
-                fit = b
-                break
-            fail, step = b, 2 * step
-    if fail is None:
-        return fit, probes
-    while fail - fit > 1:
-        mid = (fit + fail) // 2
-        if probe(mid) is not None:
-            fit = mid
+    fit, peak, fail, slope = 1, one, None, 1.0
+    b, step = 2, 1
+    while True:
+        got = fits(b)
+        probes.append([b, got is not None])
+        if got is None:
+            fail = b
         else:
-            fail = mid
-    return fit, probes
+            fit, peak, slope = b, got, max((got - one) / (b - 1), 1.0)
+        if fit >= limit or (fail is not None and fail - fit <= 1):
+            return fit, probes
+        predicted = fit + int((memory - peak) // slope)
+        if got is None:
+            b = (fit + fail) // 2
+        elif predicted > fit:
+            b = predicted if fail is None else min(predicted, fail - 1)
+        else:  # the prediction is used up: step up
+            b, step = fit + step, 2 * step
+            if fail is not None:
+                b = min(b, fail - 1)
+        b = min(b, limit)
 
 
 def at_max_batch(model, cases: list[Case], found: list[dict], gen_len: int, warmup: int, seed: int = 0,

@@ -672,12 +672,15 @@ def unsupported_reason(layer, query: torch.Tensor, attention_mask: torch.Tensor 
     return reason
 
 
-def _tuning(name: str, default: int) -> int:
+def _tuning(name: str, default: int, minimum: int = 0) -> int:
     value = os.environ.get(name, "")
     try:
-        return int(value) if value else default
+        number = int(value) if value else default
     except ValueError:
         raise ValueError(f"{name}={value!r}: kvlab's kernel tuning overrides take an integer") from None
+    if number < minimum:
+        raise ValueError(f"{name}={number}: takes an integer >= {minimum}")
+    return number
 
 
 def _tile_tuning(name: str, default: int) -> int:
@@ -709,12 +712,12 @@ def _tile_tuning(name: str, default: int) -> int:
 #   kivi-2, merge kernel vs last program: 64x4K, 4 partials, 92.5 vs 86.9 us; 32x8K, 8: 81.3 vs 78.6; but 16x4K,
 #   15: 34.1 vs 35.1; 8x32K, 32: 77.4 vs 79.8; 1x128K, 206: 46.9 vs 68.1: one warp's chain of loads).
 LEAN_TILE = _tile_tuning("KVLAB_LEAN_TILE", 64)
-LEAN_WARPS = _tuning("KVLAB_LEAN_WARPS", 1)
-LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", -1)  # -1: by the rule above, 0: no cap
+LEAN_WARPS = _tuning("KVLAB_LEAN_WARPS", 1, 1)
+LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", -1, -1)  # -1: by the rule above, 0: no cap
 LEAN_PER_SM = _tuning("KVLAB_LEAN_PER_SM", 0)  # 0: by the rule above
-LEAN_STAGES = _tuning("KVLAB_LEAN_STAGES", 3)  # tiles in flight (Triton's software pipelining)
-N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 4)
-GENERIC_PER_SM = _tuning("KVLAB_GENERIC_PER_SM", 4)
+LEAN_STAGES = _tuning("KVLAB_LEAN_STAGES", 3, 1)  # tiles in flight (Triton's software pipelining)
+N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 4, 1)
+GENERIC_PER_SM = _tuning("KVLAB_GENERIC_PER_SM", 4, 1)
 GENERIC_TILE = _tile_tuning("KVLAB_GENERIC_TILE", 32)  # tokens per generic tile (at most; within one key group)
 MAXNREG = _tuning("KVLAB_MAXNREG", 128)
 CONCURRENT_GENERIC = _tuning("KVLAB_CONCURRENT_GENERIC", 1)  # generic launch on a side stream, beside the lean one
