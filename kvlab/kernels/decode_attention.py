@@ -829,11 +829,9 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     n_generic = generic_programs(B * HKV, sms)
     n_parts = n_split + n_generic  # + the generic programs (sinks, boundary zone, tails)
     NR = n_rep * QLEN
-    pm, pl, pacc = partials(B * HKV, n_parts, NR, D, dev)
+    pm, pl, pacc, tickets = partials(B * HKV, n_parts, NR, D, dev)
     out = torch.empty(B, QLEN, HQ, D, dtype=dtype, device=dev)
     merge_rp = _pow2(NR)
-    merges = merge_chunk(n_parts, merge_rp, D, 1) > 0
-    tickets = _tickets(dev, B * HKV) if merges else _dummy(torch.int32, dev)
     scale = (scaling if scaling is not None else 1.0 / math.sqrt(D)) * LOG2E
     q = query if query.stride(3) == 1 else query.contiguous()
 
@@ -868,16 +866,19 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
                                            MERGE_CH=merge_chunk(n_parts, merge_rp, D, LEAN_WARPS))
     if side is not None:
         torch.cuda.current_stream(dev).wait_stream(side)
-    if not merges:
+    if n_parts > MERGE_PARTS:
         combine(pm, pl, pacc, out, HKV, n_rep, n_parts)
     return out
 
 
 def partials(pairs: int, n_parts: int, rows: int, D: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Storage for the programs' softmax partials: max and sum ``[pairs * n_parts * rows]``, unnormalised
-    output ``[.., D]``, fp32."""
+    output ``[.., D]``, fp32; and the pairs' arrival counters where the last program merges (at most
+    MERGE_PARTS partials; else a stand-in, and the caller runs :func:`combine`)."""
     pm = torch.empty(pairs * n_parts * rows, dtype=torch.float32, device=device)
-    return pm, torch.empty_like(pm), torch.empty(pairs * n_parts * rows, D, dtype=torch.float32, device=device)
+    pacc = torch.empty(pairs * n_parts * rows, D, dtype=torch.float32, device=device)
+    tickets = _tickets(device, pairs) if n_parts <= MERGE_PARTS else _dummy(torch.int32, device)
+    return pm, torch.empty_like(pm), pacc, tickets
 
 
 def combine(pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor, out: torch.Tensor, HKV: int, n_rep: int,

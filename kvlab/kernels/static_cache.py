@@ -24,11 +24,9 @@ import triton.language as tl
 from kvlab.kernels.decode_attention import (
     _TL_DTYPE,
     LOG2E,
-    _dummy,
     _merge_if_last,
     _num_sms,
     _pow2,
-    _tickets,
     combine,
     merge_chunk,
     partials,
@@ -183,10 +181,9 @@ def dense_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     n_rep = HQ // HKV
     tps, n_split = dense_split(cap, B * HKV, query.device)
     dev = query.device
-    pm, pl, pacc = partials(B * HKV, n_split, n_rep, D, dev)
+    pm, pl, pacc, tickets = partials(B * HKV, n_split, n_rep, D, dev)
     out = torch.empty(B, QLEN, HQ, D, dtype=query.dtype, device=dev)
     merge_ch = merge_chunk(n_split, _pow2(n_rep), D, 4)
-    tickets = _tickets(dev, B * HKV) if merge_ch else _dummy(torch.int32, dev)
     scale = (scaling if scaling is not None else 1.0 / math.sqrt(D)) * LOG2E
     q = query if query.stride(3) == 1 else query.contiguous()
     mask = valid.view(torch.uint8) if valid is not None else pm
