@@ -1,23 +1,30 @@
-"""Where a decode step's device time goes: kernels of the static decode path grouped by kind.
+"""Where a decode step's device time goes: the static decode path's kernels, grouped, and its weight matmuls.
 
 Random bf16 weights in a real model's shapes (default Llama-3.1-8B), one prompt of ``--context``
-tokens per row, then ``--steps`` decode steps of ``kvlab``'s static path run eagerly under the
-PyTorch profiler (the same kernels the CUDA graph replays). Prints, per method, device
-milliseconds per step by kernel group and the step's total device time.
+tokens per row, then decode steps of ``kvlab``'s static path as deployed (decoder layers compiled,
+the step replayed as a CUDA graph). Per method: the step's time (CUDA events over ``--steps``
+replays), the profiler's device time per step by kernel group and the top kernels, and the
+difference between the two (launch gaps and idle SMs between dependent kernels; kernels that
+overlap count twice in the sum). With ``--matmuls``: every projection of the decoder layers (and
+the LM head) timed alone at the batch size, over all layers' real weights in turn (so L2 holds
+none of them), against the copy bandwidth measured in the same run; ``qkv`` and ``gate+up`` rows
+time the same products with the weights concatenated (what a fused projection would read).
 
-    python benchmarks/step_profile.py --batch 16 --context 4096 --methods fp16 kivi-2 kitty-pro
+    python benchmarks/step_profile.py --batch 16 --context 4096 --methods fp16 kivi-2 --matmuls
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import kvlab
-from kvlab.generate import StaticDecoder, capacity
+from kvlab.generate import StaticDecoder, capacity, decoder_layers
 from kvlab.methods import parse_method
 from kvlab.models import load_model
 
@@ -26,6 +33,7 @@ GROUPS = (  # first match wins: (group, substrings of the kernel name)
     ("kvlab cache update", ("_static_update_kernel", "_dense_append_kernel")),
     ("matmul (weights)", ("gemm", "gemv", "cutlass", "sm90_xmma", "ampere", "cublas", "nvjet")),
 )
+OTHER = "other (norms, RoPE, activations, copies, argmax)"
 
 
 def group_of(name: str) -> str:
@@ -33,49 +41,125 @@ def group_of(name: str) -> str:
     for group, keys in GROUPS:
         if any(k.lower() in low for k in keys):
             return group
-    return "other (norms, RoPE, activations, copies, argmax)"
+    return OTHER
+
+
+def graph_ms(fn, repeats: int) -> float:
+    """Milliseconds per call of ``fn`` (already warm), CUDA events around ``repeats`` back-to-back calls."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 @torch.inference_mode()
-def profile_method(model, spec: str, batch: int, context: int, steps: int) -> dict[str, float]:
+def profile_method(model, spec: str, batch: int, context: int, steps: int, top: int) -> dict:
     method = parse_method(spec)
-    cache = kvlab.make_cache(method, model, max_length=capacity(method, context + steps + 2))
+    cache = kvlab.make_cache(method, model, max_length=capacity(method, context + 2 * steps + 4))
     ids = torch.randint(1000, (batch, context), device="cuda")
     first = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
     last = torch.full((batch, 1), context - 1, device="cuda")
-    decoder = StaticDecoder(model, cache, first, last, steps + 2, cuda_graph=False)
-    decoder.step()  # compile and warm up outside the profile
-    decoder.step()
+    decoder = StaticDecoder(model, cache, first, last, 2 * steps + 4, compile=True)
+    for _ in range(decoder.WARMUP + 1):  # eager, compiled, recorded
+        decoder.step()
     torch.cuda.synchronize()
+    step_ms = graph_ms(decoder.step, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             decoder.step()
         torch.cuda.synchronize()
-    totals: dict[str, float] = defaultdict(float)
+    decoder.finish()
+    groups: dict[str, float] = defaultdict(float)
+    kernels = []
     for evt in prof.key_averages():
         t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
         if t and evt.key and not evt.key.startswith("ProfilerStep"):
-            totals[group_of(evt.key)] += t / 1000 / steps
-    return dict(totals)
+            groups[group_of(evt.key)] += t / 1000 / steps
+            kernels.append((t / steps, evt.count / steps, evt.key))
+    kernels.sort(reverse=True)
+    return {"method": spec, "batch": batch, "context": context, "step_ms": step_ms,
+            "kernel_ms": sum(groups.values()), "groups": dict(groups),
+            "top": [{"us": us, "calls": n, "kernel": k[:100]} for us, n, k in kernels[:top]]}
+
+
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth (read + write bytes) of a 1 GiB buffer."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * src.numel() / graph_ms(lambda: dst.copy_(src), 20) / 1e6
+
+
+def _weights(model, name: str) -> list[torch.Tensor]:
+    return [dict(layer.named_modules())[name].weight for layer in decoder_layers(model)]
+
+
+@torch.inference_mode()
+def matmul_table(model, batch: int) -> list[dict]:
+    """Each projection alone, over every layer's weight in turn, recorded in one CUDA graph per projection."""
+    names = [n for n, m in decoder_layers(model)[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    cases = [(n.rsplit(".", 1)[-1], _weights(model, n)) for n in names]
+    cases.append(("lm_head", [model.get_output_embeddings().weight]))
+    joined = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate+up": ("gate_proj", "up_proj")}
+    for label, parts in joined.items():
+        full = [n for n in names if n.rsplit(".", 1)[-1] in parts]
+        if len(full) == len(parts):
+            cases.append((label, [torch.cat(ws) for ws in zip(*(_weights(model, n) for n in full))]))
+    rows = []
+    for label, weights in cases:
+        xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype, device="cuda") for w in weights}
+        for w in weights:  # cuBLAS picks its kernels outside the capture
+            F.linear(xs[w.shape[1]], w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+        graph.replay()
+        us = 1000 * graph_ms(graph.replay, 10) / len(weights)
+        nbytes = weights[0].numel() * weights[0].element_size()
+        rows.append({"weights": label, "shape": list(weights[0].shape), "batch": batch, "us": us,
+                     "gbps": nbytes / us / 1e3})
+        del graph
+    torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="random:llama-3.1-8b")
-    ap.add_argument("--methods", nargs="+", default=["fp16", "kivi-2", "kitty-pro"])
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--methods", nargs="*", default=["fp16", "kivi-2", "kitty-pro"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[16])
     ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per method")
+    ap.add_argument("--matmuls", action="store_true", help="time each weight matmul alone too")
+    ap.add_argument("--output", default=None, help="JSON results")
     args = ap.parse_args()
     model, _ = load_model(args.model, device="cuda", dtype=torch.bfloat16)
-    groups = [g for g, _ in GROUPS] + ["other (norms, RoPE, activations, copies, argmax)"]
-    print(f"device ms per decode step, {args.model}, batch {args.batch} x context {args.context}")
-    print(f"{'method':12s}" + "".join(f"{g:>22.22s}" for g in groups) + f"{'total':>10s}")
-    for spec in args.methods:
-        t = profile_method(model, spec, args.batch, args.context, args.steps)
-        print(f"{spec:12s}" + "".join(f"{t.get(g, 0.0):22.2f}" for g in groups) + f"{sum(t.values()):10.2f}",
-              flush=True)
-        torch.cuda.empty_cache()
+    results: dict = {"copy_gbps": copy_gbps(), "steps": [], "matmuls": []}
+    print(f"{args.model}, context {args.context}; copy bandwidth {results['copy_gbps']:.0f} GB/s")
+    groups = [g for g, _ in GROUPS] + [OTHER]
+    for batch in args.batch:
+        if args.matmuls:
+            for row in matmul_table(model, batch):
+                results["matmuls"].append(row)
+                print(f"  b={batch:<3d} {row['weights']:9s} {str(row['shape']):15s} {row['us']:8.1f} us "
+                      f"{row['gbps']:6.0f} GB/s", flush=True)
+        print(f"batch {batch}: ms per decode step" + "".join(f"{g[:20]:>21s}" for g in groups) + "  kernels  graph")
+        for spec in args.methods:
+            r = profile_method(model, spec, batch, args.context, args.steps, args.top)
+            results["steps"].append(r)
+            print(f"  {spec:28s}" + "".join(f"{r['groups'].get(g, 0.0):21.3f}" for g in groups)
+                  + f"{r['kernel_ms']:9.3f}{r['step_ms']:7.3f}", flush=True)
+            for k in r["top"]:
+                print(f"      {k['us']:9.1f} us {k['calls']:5.0f}x  {k['kernel']}")
+            torch.cuda.empty_cache()
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

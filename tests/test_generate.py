@@ -5,7 +5,7 @@ import torch
 
 import kvlab
 from kvlab.bench import latency as lat
-from kvlab.generate import _stop_at_eos, prompt_positions
+from kvlab.generate import _stop_at_eos, greedy_tokens, prompt_positions
 from kvlab.methods import parse_method
 from kvlab.models import load_model
 
@@ -128,3 +128,14 @@ def test_static_path_says_why_it_does_not_apply(tiny):
     assert "has no static decode path" in static_reason(evicting)
     with pytest.raises(ValueError, match="no static decode path: not on a CUDA device"):
         make_static(fp16, tiny, 4)
+
+
+@pytest.mark.parametrize("vocab", [100, 5000, 8192])
+def test_greedy_tokens_are_the_argmax_with_the_first_maximum_on_ties(vocab):
+    logits = torch.randn(5, vocab)
+    logits[1, [7, vocab - 3, vocab - 1]] = 50.0  # ties across chunks: the first one wins
+    logits[2, -1] = 60.0  # the padded last chunk
+    logits[3] = 0.0  # all equal
+    got = greedy_tokens(logits)
+    assert got.shape == (5, 1) and torch.equal(got, logits.argmax(-1, keepdim=True))
+    assert got[1, 0] == 7 and got[3, 0] == 0

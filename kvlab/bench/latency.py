@@ -167,18 +167,20 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
     if case.static and static_reason(cache) is None:
         last = torch.full((batch, 1), context - 1, device=device)
         decoder = StaticDecoder(model, cache, next_ids, last, gen_len, compile=case.compile_layers)
-    for _ in range(gen_len):
-        t0 = time.perf_counter()
-        if decoder is not None:
-            decoder.step()
-        else:
-            if case.compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            next_ids = step(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        _sync(device)
-        times.append(1000 * (time.perf_counter() - t0))
-    if decoder is not None:
-        decoder.finish()
+    try:
+        for _ in range(gen_len):
+            t0 = time.perf_counter()
+            if decoder is not None:
+                decoder.step()
+            else:
+                if case.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                next_ids = step(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            _sync(device)
+            times.append(1000 * (time.perf_counter() - t0))
+    finally:
+        if decoder is not None:  # the model's projections apart again, whatever happened
+            decoder.finish()
 
     if decoder is None:
         path = "compiled" if case.compiled else "eager"
