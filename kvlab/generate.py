@@ -64,8 +64,10 @@ class StaticDecoder:
     and the last prediction. Warm-up steps run on a side stream: the first eagerly (Triton
     compiles, cuBLAS sets up, the layer order of the cache ops is checked), the second through the
     compiled layers when ``compile`` (dynamo traces, Inductor compiles); then one step is recorded
-    and replayed for the rest. The model is left as it was: compiled layers are swapped in only
-    for the steps that run Python.
+    and replayed for the rest. Projections that read one input run as one matmul
+    (:mod:`kvlab.projections`: the model's parameters are views of the joined weights until
+    :meth:`finish`). The model is otherwise left as it was: compiled layers and joined parts are
+    swapped in only for the steps that run Python.
     """
 
     WARMUP = 2
@@ -106,10 +108,10 @@ class StaticDecoder:
         self.counter.add_(1)
 
     def step(self) -> None:
-        if self.done >= self.steps:
-            raise RuntimeError(f"the cache was frozen for {self.steps} decode steps")
         if self.finished:
             raise RuntimeError("this decoder has finished: its model's projections are apart again")
+        if self.done >= self.steps:
+            raise RuntimeError(f"the cache was frozen for {self.steps} decode steps")
         if not self.use_graph:
             self._forward()
         elif self.done < self.WARMUP:

@@ -63,7 +63,8 @@ class JoinedPart(torch.nn.Module):
 
 def _joinable(linears: list) -> bool:
     first = linears[0]
-    return all(type(m) is torch.nn.Linear and m.in_features == first.in_features
+    return all(type(m) is torch.nn.Linear and m.weight.device.type != "meta"  # meta: offloaded by accelerate
+               and m.in_features == first.in_features
                and m.weight.dtype == first.weight.dtype and m.weight.device == first.weight.device
                and (m.bias is None) == (first.bias is None) for m in linears)
 

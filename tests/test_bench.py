@@ -172,8 +172,8 @@ def test_at_max_batch_steps_down_until_the_timed_run_fits(tiny_model, monkeypatc
     found = [{"method": "a", "context": 4096, "max_batch": 34}, {"method": "b", "context": 4096, "skipped": "x"},
              {"method": "c", "context": 4096, "max_batch": 100}]
     rows = lat.at_max_batch(tiny_model, [lat.Case("a"), lat.Case("b"), lat.Case("c")], found, 4, 1)
-    assert calls == [34, 32, 30, 100, 94, 89]  # 1/16 down per retry, three runs at most
-    assert [(r["method"], r["batch"], bool(r.get("oom"))) for r in rows] == [("a", 30, False), ("c", 89, True)]
+    assert calls == [34, 33, 29, 100, 99, 95, 79]  # 1/64 down, then 4x larger steps; four runs at most
+    assert [(r["method"], r["batch"], bool(r.get("oom"))) for r in rows] == [("a", 29, False), ("c", 79, True)]
     assert all(r["at_max_batch"] for r in rows)
 
 

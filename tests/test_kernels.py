@@ -385,11 +385,17 @@ def test_static_decoder_follows_the_dynamic_cache(spec, compile):
     with torch.inference_mode():
         cache, first = prefill()
         decoder = StaticDecoder(model, cache, first, pos[:, -1:], steps, mask, cuda_graph=False, compile=compile)
+        attn = model.model.layers[0].self_attn
+        storage = lambda m: m.weight.untyped_storage().data_ptr()  # noqa: E731
+        assert storage(attn.q_proj) == storage(attn.v_proj)  # joined while the decoder holds the model
         for _ in range(steps):
             decoder.step()
         if compile:  # one graph serves every layer: the cache ops take no layer index
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
         tokens = decoder.finish()
+        assert storage(attn.q_proj) != storage(attn.v_proj)  # apart again
+        with pytest.raises(RuntimeError, match="this decoder has finished"):
+            decoder.step()
         assert tokens.shape == (B, steps + 1) and cache.get_seq_length() == P + steps
         ref_cache, ref_first = prefill()
         assert torch.equal(ref_first, first)
