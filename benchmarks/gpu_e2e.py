@@ -16,6 +16,7 @@ import sys
 import torch
 
 import kvlab
+from kvlab.generate import prompt_positions
 from kvlab.models import load_model
 
 
@@ -67,8 +68,7 @@ def check_generate(model, ids, prompt=300, new=64, specs=("fp16", "kivi-2", "kit
     failures = 0
     mask = torch.ones(ids.shape[0], prompt, dtype=torch.long, device=ids.device)
     mask[0, :5] = 0
-    pos = mask.long().cumsum(-1) - 1
-    pos = pos.masked_fill(mask == 0, 1)
+    pos = prompt_positions(mask, *mask.shape, mask.device)
 
     def worst_gap(spec, tokens) -> float:
         with torch.inference_mode():

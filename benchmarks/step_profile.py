@@ -7,7 +7,7 @@ replays), the profiler's device time per step by kernel group and the top kernel
 difference between the two (launch gaps and idle SMs between dependent kernels; kernels that
 overlap count twice in the sum). With ``--matmuls``: every projection of the decoder layers (and
 the LM head) timed alone at the batch size, over all layers' real weights in turn (so L2 holds
-none of them), against the copy bandwidth measured in the same run; ``qkv`` and ``gate+up`` rows
+none of them), against the copy bandwidth measured in the same run; ``q+k+v`` and ``gate+up`` rows
 time the same products with the weights concatenated (what a fused projection would read).
 
     python benchmarks/step_profile.py --batch 16 --context 4096 --methods fp16 kivi-2 --matmuls
@@ -27,6 +27,7 @@ import kvlab
 from kvlab.generate import StaticDecoder, capacity, decoder_layers
 from kvlab.methods import parse_method
 from kvlab.models import load_model
+from kvlab.projections import GROUPS as GROUPS_JOINED
 
 GROUPS = (  # first match wins: (group, substrings of the kernel name)
     ("kvlab attention", ("_decode_kernel", "_dense_decode_kernel", "_combine_kernel")),
@@ -103,10 +104,10 @@ def matmul_table(model, batch: int) -> list[dict]:
     names = [n for n, m in decoder_layers(model)[0].named_modules() if isinstance(m, torch.nn.Linear)]
     cases = [(n.rsplit(".", 1)[-1], _weights(model, n)) for n in names]
     cases.append(("lm_head", [model.get_output_embeddings().weight]))
-    joined = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate+up": ("gate_proj", "up_proj")}
-    for label, parts in joined.items():
+    for parts in GROUPS_JOINED:  # what kvlab.projections joins
         full = [n for n in names if n.rsplit(".", 1)[-1] in parts]
         if len(full) == len(parts):
+            label = "+".join(p.removesuffix("_proj") for p in parts)
             cases.append((label, [torch.cat(ws) for ws in zip(*(_weights(model, n) for n in full))]))
     rows = []
     for label, weights in cases:

@@ -84,10 +84,11 @@ class StaticDecoder:
         self.finished = False
         self.graph = None
         self.use_graph = cuda_graph and first_token.is_cuda and steps > self.WARMUP
-        self.joined = JoinedProjections(decoder_layers(model))
+        layers = decoder_layers(model)
+        self.joined = JoinedProjections(layers)
         self.compiled = []
         if compile:
-            self.compiled = [(m, torch.compile(m.forward, fullgraph=True)) for m in decoder_layers(model)]
+            self.compiled = [(m, torch.compile(m.forward, fullgraph=True)) for m in layers]
             if not self.compiled:
                 raise ValueError(f"compile=True: {type(model).__name__} has no transformers decoder layers to compile")
 
