@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--output", default=None, help="JSON rows")
     args = ap.parse_args()
+    if args.gen_len <= args.warmup or args.warmup < 0 or min(args.batch_sizes) < 1:
+        ap.error("--gen-len must exceed --warmup (>= 0) and --batch-sizes take integers >= 1")
     model, _ = load_model(args.model, device="cuda", dtype=torch.bfloat16)
     groups = projections.GROUPS
     rows = []

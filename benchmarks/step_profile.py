@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--matmuls", action="store_true", help="time each weight matmul alone too")
     ap.add_argument("--output", default=None, help="JSON results")
     args = ap.parse_args()
+    if args.steps < 1 or args.top < 0 or min(args.batch) < 1:
+        ap.error("--steps and --batch take integers >= 1, --top >= 0")
     model, _ = load_model(args.model, device="cuda", dtype=torch.bfloat16)
     results: dict = {"copy_gbps": copy_gbps(), "steps": [], "matmuls": []}
     print(f"{args.model}, context {args.context}; copy bandwidth {results['copy_gbps']:.0f} GB/s")
