@@ -110,19 +110,19 @@ def decode_step_ms(batches: list[int], context: int, device: torch.device, reps:
     """One decode step of a random-weight Llama-3.1-8B (bf16) with a dense cache of ``context`` tokens."""
     from transformers import DynamicCache
 
-    from kvlab.models import load_model
+    from kvlab.models import cache_kwargs, load_model
 
     model, _ = load_model("random:llama-3.1-8b", device=str(device), dtype=torch.bfloat16)
     steps = {}
     with torch.inference_mode():
         for batch in batches:
             cache = DynamicCache(config=model.config)
-            model(torch.randint(0, 1000, (batch, context), device=device), past_key_values=cache, use_cache=True,
+            model(torch.randint(0, 1000, (batch, context), device=device), **cache_kwargs(model, cache), use_cache=True,
                   logits_to_keep=1)
             step = torch.randint(0, 1000, (batch, 1), device=device)
 
             def one_step() -> None:
-                model(step, past_key_values=cache, use_cache=True)
+                model(step, **cache_kwargs(model, cache), use_cache=True)
                 cache.crop(-1)  # keep the context length fixed across repetitions
 
             steps[batch] = timed(one_step, device, reps)

@@ -17,16 +17,16 @@ import torch
 
 import kvlab
 from kvlab.generate import prompt_positions
-from kvlab.models import load_model
+from kvlab.models import cache_kwargs, load_model
 
 
 @torch.inference_mode()
 def decode_logits(model, ids, spec, fused, prefill=300):
     model.set_attn_implementation("sdpa")
     cache = kvlab.make_cache(spec, model, fused=fused)
-    out = [model(ids[:, :prefill], past_key_values=cache, logits_to_keep=1).logits]
+    out = [model(ids[:, :prefill], **cache_kwargs(model, cache), logits_to_keep=1).logits]
     for t in range(prefill, ids.shape[1]):
-        out.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+        out.append(model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits)
     return torch.cat(out, 1).float()
 
 
@@ -50,7 +50,7 @@ def main() -> int:
                   f"on {clear.float().mean().item():.0%} clear-margin steps (all: {same.float().mean().item():.4f})  "
                   f"{'OK' if ok else 'FAIL'}", flush=True)
         cache = kvlab.make_cache("kitty-pro", model)
-        gen = model.generate(ids[:, :300], attention_mask=torch.ones_like(ids[:, :300]), past_key_values=cache,
+        gen = model.generate(ids[:, :300], attention_mask=torch.ones_like(ids[:, :300]), **cache_kwargs(model, cache),
                              max_new_tokens=32, do_sample=False, pad_token_id=0)
         print(f"{arch}: generate on the fused path -> {tuple(gen.shape)}, attention impl "
               f"{model.config._attn_implementation}, cache {cache.memory_bytes() / 1e6:.1f} MB")
@@ -73,12 +73,13 @@ def check_generate(model, ids, prompt=300, new=64, specs=("fp16", "kivi-2", "kit
     def worst_gap(spec, tokens) -> float:
         with torch.inference_mode():
             cache = kvlab.make_cache(spec, model)
-            model(ids[:, :prompt], attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+            model(ids[:, :prompt], attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache),
+                  logits_to_keep=1)
             running, worst = mask, 0.0
             for s in range(new - 1):
                 running = torch.cat([running, running.new_ones(running.shape[0], 1)], 1)
                 logits = model(input_ids=tokens[:, s : s + 1], attention_mask=running, position_ids=pos[:, -1:] + s + 1,
-                               past_key_values=cache).logits[:, -1].float()
+                               **cache_kwargs(model, cache)).logits[:, -1].float()
                 gap = (logits.max(1).values - logits.gather(1, tokens[:, s + 1 : s + 2]).squeeze(1))
                 worst = max(worst, (gap / logits.abs().max(1).values).max().item())
         return worst
@@ -119,10 +120,10 @@ def check_eviction_scorer(model, ids, prefill=300) -> int:
                      if not use_kernel else mock.patch.object(eviction, "_scorer", eviction._scorer))
             with patch, torch.inference_mode():
                 cache = kvlab.make_cache(spec, model)
-                logits = [model(ids[:, :prefill], past_key_values=cache, logits_to_keep=1).logits.float()]
+                logits = [model(ids[:, :prefill], **cache_kwargs(model, cache), logits_to_keep=1).logits.float()]
                 kept = []
                 for t in range(prefill, ids.shape[1]):
-                    logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits.float())
+                    logits.append(model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits.float())
                     kept.append(cache.layers[-1].positions.sort(-1).values.clone())
             runs.append((torch.cat(logits, 1), kept))
         (lk, kk), (lr, kr) = runs

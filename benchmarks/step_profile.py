@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 import kvlab
 from kvlab.generate import StaticDecoder, capacity, decoder_layers
 from kvlab.methods import parse_method
-from kvlab.models import load_model
+from kvlab.models import cache_kwargs, load_model
 from kvlab.projections import GROUPS as GROUPS_JOINED
 
 GROUPS = (  # first match wins: (group, substrings of the kernel name)
@@ -61,7 +61,7 @@ def profile_method(model, spec: str, batch: int, context: int, steps: int, top: 
     method = parse_method(spec)
     cache = kvlab.make_cache(method, model, max_length=capacity(method, context + 2 * steps + 4))
     ids = torch.randint(1000, (batch, context), device="cuda")
-    first = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    first = model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
     last = torch.full((batch, 1), context - 1, device="cuda")
     decoder = StaticDecoder(model, cache, first, last, 2 * steps + 4, compile=True)
     for _ in range(decoder.WARMUP + 1):  # eager, compiled, recorded

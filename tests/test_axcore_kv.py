@@ -14,6 +14,7 @@ from kvlab.approx.attention import approx_attention
 from kvlab.cache import make_cache
 from kvlab.cli import main
 from kvlab.methods import parse_method
+from kvlab.models import cache_kwargs
 
 torch.set_num_threads(1)
 
@@ -79,7 +80,7 @@ def run_tokens(model, cache, ids, steps):
     out, pos = [], 0
     with torch.no_grad():
         for n in steps:
-            out.append(model(ids[:, pos : pos + n], past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, pos : pos + n], **cache_kwargs(model, cache), use_cache=True).logits)
             pos += n
     return torch.cat(out, 1)
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import kvlab
 from kvlab.cache import QuantizedLayer
 from kvlab.methods import build_method, parse_method
+from kvlab.models import cache_kwargs
 from kvlab.quant.codecs import KeyChannelCodec, ValueTokenCodec
 
 
@@ -80,9 +81,9 @@ def _held_tensors(layer):
 
 def test_memory_bytes_matches_tensors_held(tiny_model):
     cache = kvlab.make_cache("kitty-pro:group_size=32,residual=32,sinks=4", tiny_model)
-    tiny_model(torch.randint(3, 128, (2, 150)), past_key_values=cache)
+    tiny_model(torch.randint(3, 128, (2, 150)), **cache_kwargs(tiny_model, cache))
     for _ in range(40):
-        tiny_model(torch.randint(3, 128, (2, 1)), past_key_values=cache)
+        tiny_model(torch.randint(3, 128, (2, 1)), **cache_kwargs(tiny_model, cache))
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in _held_tensors(layer))
     assert cache.memory_bytes() == held
     dense = 2 * 2 * 2 * 190 * 32 * 4 * 2  # layers x K/V x batch x tokens x head_dim x fp32 bytes x kv heads
@@ -96,9 +97,9 @@ def test_fp16_matches_cacheless_forward(tiny_model):
     ids = torch.randint(3, 128, (2, 96))
     ref = tiny_model(ids, use_cache=False).logits
     cache = kvlab.make_cache("fp16", tiny_model)
-    logits = [tiny_model(ids[:, :40], past_key_values=cache).logits]
+    logits = [tiny_model(ids[:, :40], **cache_kwargs(tiny_model, cache)).logits]
     for t in range(40, 96):
-        logits.append(tiny_model(ids[:, t : t + 1], past_key_values=cache).logits)
+        logits.append(tiny_model(ids[:, t : t + 1], **cache_kwargs(tiny_model, cache)).logits)
     torch.testing.assert_close(torch.cat(logits, 1), ref, rtol=0, atol=1e-5)
 
 
@@ -109,14 +110,14 @@ def test_generate_batch3_left_padding_greedy_and_sampling(tiny_model, spec):
     mask[0, :10] = 0
     mask[1, :3] = 0
     ids[mask == 0] = 0
-    out = tiny_model.generate(ids, attention_mask=mask, past_key_values=kvlab.make_cache(spec, tiny_model),
+    out = tiny_model.generate(ids, attention_mask=mask, **cache_kwargs(tiny_model, kvlab.make_cache(spec, tiny_model)),
                               max_new_tokens=50, do_sample=False, pad_token_id=0)
     assert out.shape == (3, 90)
     # the first new token depends only on the prompt, which attention sees in full precision
     ref = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
     assert torch.equal(out[:, 40], ref[:, 40])
     torch.manual_seed(0)
-    out = tiny_model.generate(ids, attention_mask=mask, past_key_values=kvlab.make_cache(spec, tiny_model),
+    out = tiny_model.generate(ids, attention_mask=mask, **cache_kwargs(tiny_model, kvlab.make_cache(spec, tiny_model)),
                               max_new_tokens=20, do_sample=True, top_p=0.9, pad_token_id=0)
     assert out.shape == (3, 60)
 
@@ -124,7 +125,7 @@ def test_generate_batch3_left_padding_greedy_and_sampling(tiny_model, spec):
 def test_fp16_generate_identical_to_plain_generate(tiny_model):
     ids = torch.randint(3, 128, (2, 30))
     ref = tiny_model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0)
-    out = tiny_model.generate(ids, past_key_values=kvlab.make_cache("fp16", tiny_model), max_new_tokens=30,
+    out = tiny_model.generate(ids, **cache_kwargs(tiny_model, kvlab.make_cache("fp16", tiny_model)), max_new_tokens=30,
                               do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
 
@@ -132,7 +133,7 @@ def test_fp16_generate_identical_to_plain_generate(tiny_model):
 def test_beam_search_reorders_packed_cache(tiny_model):
     ids = torch.randint(3, 128, (2, 40))
     cache = kvlab.make_cache("kitty-pro:group_size=8,residual=8,sinks=2", tiny_model)
-    out = tiny_model.generate(ids, past_key_values=cache, max_new_tokens=30, num_beams=3, do_sample=False,
+    out = tiny_model.generate(ids, **cache_kwargs(tiny_model, cache), max_new_tokens=30, num_beams=3, do_sample=False,
                               pad_token_id=0)
     assert out.shape == (2, 70)
     assert cache.layers[0].key_store.fields["lo"].shape[0] == 6  # batch x beams
@@ -178,7 +179,8 @@ def test_mixed_sliding_window_model_warns_once_and_generates():
         cache = kvlab.make_cache("kivi-2:group_size=8,residual=8", model)
     msgs = [str(x.message) for x in w if "kvlab" in str(x.message)]
     assert len(msgs) == 1 and "2 of 4 layers" in msgs[0]
-    out = model.generate(torch.randint(0, 64, (1, 30)), past_key_values=cache, max_new_tokens=20, do_sample=False)
+    out = model.generate(torch.randint(0, 64, (1, 30)), **cache_kwargs(model, cache), max_new_tokens=20,
+                         do_sample=False)
     assert out.shape == (1, 50)
     assert type(cache.layers[1]).__name__ == "QuantizedLayer" and cache.layers[1].quantized_tokens()[0] > 0
 
@@ -230,9 +232,9 @@ def test_preallocated_storage_gives_identical_results(tiny_model):
     outs = []
     for max_length in (None, 200):
         cache = kvlab.make_cache("kitty-pro:group_size=16,residual=16,sinks=4", tiny_model, max_length=max_length)
-        logits = [tiny_model(ids[:, :60], past_key_values=cache).logits]
+        logits = [tiny_model(ids[:, :60], **cache_kwargs(tiny_model, cache)).logits]
         for t in range(60, 120):
-            logits.append(tiny_model(ids[:, t : t + 1], past_key_values=cache).logits)
+            logits.append(tiny_model(ids[:, t : t + 1], **cache_kwargs(tiny_model, cache)).logits)
         cache.reorder_cache(torch.tensor([1, 0]))
         outs.append((torch.cat(logits, 1), cache.layers[0].dequantized(), cache))
     assert torch.equal(outs[0][0], outs[1][0])
@@ -251,9 +253,9 @@ def test_preallocated_fp16_layer_writes_in_place(tiny_model):
     outs = []
     for max_length in (None, 100):
         cache = kvlab.make_cache("fp16", tiny_model, max_length=max_length)
-        logits = [tiny_model(ids[:, :40], past_key_values=cache).logits]
+        logits = [tiny_model(ids[:, :40], **cache_kwargs(tiny_model, cache)).logits]
         for t in range(40, 80, 8):
-            logits.append(tiny_model(ids[:, t : t + 8], past_key_values=cache).logits)
+            logits.append(tiny_model(ids[:, t : t + 8], **cache_kwargs(tiny_model, cache)).logits)
         outs.append((torch.cat(logits, 1), cache))
     (ref, dense), (out, pre) = outs
     assert torch.equal(ref, out)
@@ -261,11 +263,11 @@ def test_preallocated_fp16_layer_writes_in_place(tiny_model):
     assert layer.preallocated() and layer.keys.data_ptr() == layer.buffers[0].data_ptr()
     assert layer.memory_bytes() == 2 * layer.buffers[0].numel() * 4 > dense.layers[0].memory_bytes()
     with pytest.raises(ValueError, match="preallocated for 100 tokens; 80 \\+ 30 do not fit"):
-        tiny_model(ids[:, :30], past_key_values=pre)
+        tiny_model(ids[:, :30], **cache_kwargs(tiny_model, pre))
     pre.reorder_cache(torch.tensor([1, 0]))
     dense.reorder_cache(torch.tensor([1, 0]))
-    tiny_model(ids[:, 80:84], past_key_values=pre)
-    tiny_model(ids[:, 80:84], past_key_values=dense)
+    tiny_model(ids[:, 80:84], **cache_kwargs(tiny_model, pre))
+    tiny_model(ids[:, 80:84], **cache_kwargs(tiny_model, dense))
     assert not layer.preallocated() and torch.equal(layer.keys, dense.layers[0].keys)
 
 
@@ -276,13 +278,13 @@ def test_a_stale_pending_layer_does_not_capture_attention(tiny_model):
 
     ids = torch.randint(3, 128, (1, 12))
     with torch.no_grad():
-        ref = tiny_model(ids, past_key_values=kvlab.make_cache("fp16", tiny_model)).logits
+        ref = tiny_model(ids, **cache_kwargs(tiny_model, kvlab.make_cache("fp16", tiny_model))).logits
         stale = kvlab.make_cache("kivi-2:group_size=16,residual=16", tiny_model).layers[0]
         stale.layer_idx = 0
         mark_pending(stale)
         enable(tiny_model)
         try:
-            out = tiny_model(ids, past_key_values=kvlab.make_cache("fp16", tiny_model)).logits
+            out = tiny_model(ids, **cache_kwargs(tiny_model, kvlab.make_cache("fp16", tiny_model))).logits
         finally:
             tiny_model.set_attn_implementation("sdpa")
     assert torch.allclose(out, ref, atol=1e-5)
@@ -306,10 +308,11 @@ def test_prefill_attention_without_repeated_keys_matches_sdpa(tiny_model, monkey
             if fold:
                 cache.use_fused_attention(tiny_model)  # what make_cache does on CUDA
             try:
-                logits = [tiny_model(ids[:, :30], attention_mask=mask[:, :30], past_key_values=cache).logits]
+                logits = [tiny_model(ids[:, :30], attention_mask=mask[:, :30],
+                                     **cache_kwargs(tiny_model, cache)).logits]
                 for start in (30, 50):
                     logits.append(tiny_model(ids[:, start : start + 20], attention_mask=mask[:, : start + 20],
-                                             past_key_values=cache).logits)
+                                             **cache_kwargs(tiny_model, cache)).logits)
             finally:
                 tiny_model.set_attn_implementation("sdpa")
             outs.append(torch.cat(logits, 1))

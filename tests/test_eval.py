@@ -214,6 +214,20 @@ def test_summary_mcnemar_and_holm():
 # -- fidelity ------------------------------------------------------------------------------------
 
 
+def test_batched_generation_passes_the_cache_without_a_deprecation_warning(tiny_lm, cache_deprecations, monkeypatch):
+    """``generate`` gets the cache by the keyword the model takes (``cache=`` in transformers 5.25,
+    ``past_key_values=`` in 5.17), and the compressed cache is the one it fills."""
+    model = g.load_eval_model(tiny_lm, ["cpu"], "float32")
+    tokenizer, _ = g.load_tokenizer(tiny_lm)
+    made = []
+    monkeypatch.setattr(g, "make_cache", lambda method, m, make=g.make_cache: made.append(make(method, m)) or made[-1])
+    out = g.generate_batch(model, tokenizer, ["Question: 1 plus 2?", "Q: 3?"], parse_method(KIVI_SMALL), 6, (),
+                           g.Sampling(False), 0)
+    assert len(out) == 2 and all(1 <= r.num_tokens <= 6 for r in out)
+    assert made[0].layers[0].quantized_tokens()[0] > 0
+    assert cache_deprecations() == []
+
+
 def test_fidelity_fp16_against_itself_is_exact_and_divergence_matches_free_generation(tiny_lm):
     model = g.load_eval_model(tiny_lm, ["cpu"], "float32")
     tokenizer, _ = g.load_tokenizer(tiny_lm)
@@ -298,7 +312,7 @@ doc_to_text: "{{{{question}}}}"
 """
 
 
-def test_lm_eval_model_scores_and_generates_with_the_cache(tiny_lm, tmp_path):
+def test_lm_eval_model_scores_and_generates_with_the_cache(tiny_lm, tmp_path, cache_deprecations):
     pytest.importorskip("lm_eval")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -328,6 +342,7 @@ def test_lm_eval_model_scores_and_generates_with_the_cache(tiny_lm, tmp_path):
                            ["kvlab_tiny_mc", "kvlab_tiny_gen"])
     assert set(results) == {"kvlab_tiny_mc", "kvlab_tiny_gen"} and "acc,none" in results["kvlab_tiny_mc"]
     assert len(samples["kvlab_tiny_gen"]) == 3
+    assert cache_deprecations() == []  # generate gets the cache by the keyword the model takes
     _, plain = run("hf", f"pretrained={tiny_lm}", ["kvlab_tiny_mc"])
     _, dense = run("kvlab", f"pretrained={tiny_lm},method=fp16", ["kvlab_tiny_mc"])
     flat = lambda s: [ll for doc in s["kvlab_tiny_mc"] for (ll, _), in doc]  # noqa: E731

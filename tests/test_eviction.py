@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from kvlab import attention, make_cache, parse_method
 from kvlab.eviction import EvictionMethod, top_k_mask
 from kvlab.eviction_quant import Composed
+from kvlab.models import cache_kwargs
 
 PROMPT, STEPS = 24, 8
 
@@ -38,9 +39,9 @@ def param(spec: str, extra: str) -> str:
 def run(model, ids, spec, cache=None):
     """Prefill PROMPT tokens, then decode one token per call; returns stacked logits and the cache."""
     cache = make_cache(spec, model) if cache is None else cache
-    logits = [model(ids[:, :PROMPT], past_key_values=cache, use_cache=True).logits[:, -1]]
+    logits = [model(ids[:, :PROMPT], **cache_kwargs(model, cache), use_cache=True).logits[:, -1]]
     for t in range(PROMPT, ids.shape[1]):
-        logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        logits.append(model(ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True).logits[:, -1])
     return torch.stack(logits, 1), cache
 
 
@@ -118,9 +119,9 @@ def test_positions_after_eviction(model, ids, spec):
         dense.update(layer.keys.clone(), layer.values.clone(), i)
     n = ids.shape[1] - 1
     with torch.no_grad():
-        got = model(ids[:, n:], past_key_values=cache, use_cache=True).logits
+        got = model(ids[:, n:], **cache_kwargs(model, cache), use_cache=True).logits
         pos = torch.tensor([[n]])
-        want = model(ids[:, n:], past_key_values=dense, position_ids=pos, use_cache=True).logits
+        want = model(ids[:, n:], **cache_kwargs(model, dense), position_ids=pos, use_cache=True).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert dense.get_seq_length() < n  # the dense cache alone would have placed the token at the kept length
 
@@ -146,11 +147,11 @@ def test_left_padding_survives_eviction(model, ids, spec):
     with torch.no_grad():
         n = pad + PROMPT
         pos = (mask.cumsum(1) - 1).clamp_min(0)
-        out = [model(padded[:, :n], attention_mask=mask[:, :n], position_ids=pos[:, :n], past_key_values=cache,
+        out = [model(padded[:, :n], attention_mask=mask[:, :n], position_ids=pos[:, :n], **cache_kwargs(model, cache),
                      use_cache=True).logits[:, -1]]
         for t in range(n, padded.shape[1]):
             out.append(model(padded[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
-                             past_key_values=cache, use_cache=True).logits[:, -1])
+                             **cache_kwargs(model, cache), use_cache=True).logits[:, -1])
     alone, _ = run(model, ids[:1], spec)
     torch.testing.assert_close(torch.stack(out, 1)[:1], alone, rtol=1e-4, atol=1e-4)
     layer = cache.layers[0]
@@ -224,4 +225,4 @@ def test_needs_kvlab_attention():
     plain.set_attn_implementation("sdpa")
     with torch.no_grad(), pytest.raises(RuntimeError, match="kvlab.attention.enable"):
         for t in range(3):
-            plain(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            plain(torch.tensor([[t]]), **cache_kwargs(plain, cache), use_cache=True)

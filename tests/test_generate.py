@@ -2,12 +2,15 @@
 
 import pytest
 import torch
+from transformers.utils.deprecation import deprecate_kwarg
 
 import kvlab
 from kvlab.bench import latency as lat
+from kvlab.eval.fidelity import decode
+from kvlab.eval.ppl import full_sequence_nll, window_nll
 from kvlab.generate import _stop_at_eos, greedy_tokens, prompt_positions
 from kvlab.methods import parse_method
-from kvlab.models import load_model
+from kvlab.models import cache_kwargs, load_model
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +24,8 @@ def test_generate_matches_model_generate(tiny):
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     got = kvlab.generate(tiny, ids, "fp16", max_new_tokens=20, attention_mask=mask)
-    ref = tiny.generate(ids, attention_mask=mask, past_key_values=kvlab.make_cache("fp16", tiny), max_new_tokens=20,
-                        do_sample=False, pad_token_id=0)
+    ref = tiny.generate(ids, attention_mask=mask, **cache_kwargs(tiny, kvlab.make_cache("fp16", tiny)),
+                        max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert torch.equal(got, ref)
 
 
@@ -38,12 +41,12 @@ def test_generate_with_a_quantized_cache_is_greedy_over_that_cache(tiny):
     cache = kvlab.make_cache(spec, tiny)
     pos = prompt_positions(mask, 2, 30, "cpu")
     with torch.no_grad():
-        logits = tiny(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+        logits = tiny(ids, attention_mask=mask, position_ids=pos, **cache_kwargs(tiny, cache)).logits[:, -1]
         for s in range(new.shape[1]):
             assert torch.equal(logits.argmax(-1), new[:, s]), s
             mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
             logits = tiny(new[:, s : s + 1], attention_mask=mask, position_ids=pos[:, -1:] + s + 1,
-                          past_key_values=cache).logits[:, -1]
+                          **cache_kwargs(tiny, cache)).logits[:, -1]
 
 
 def test_stop_at_eos_pads_after_the_first_eos_and_drops_finished_columns():
@@ -75,12 +78,12 @@ def test_repeated_prefill_rows_equal_prefilling_every_row(tiny, spec):
     same prompt in all 3 rows holds, and fp16 buffers stay preallocated (decoding writes in place)."""
     ids = torch.randint(3, 128, (1, 40))
     one = kvlab.make_cache(spec, tiny, max_length=48)
-    tiny(ids, past_key_values=one)
+    tiny(ids, **cache_kwargs(tiny, one))
     one.batch_repeat_interleave(2)
     one.batch_repeat_interleave(2)
     one.batch_select_indices(torch.tensor([0, 1, 3]))
     three = kvlab.make_cache(spec, tiny, max_length=48)
-    tiny(ids.expand(3, -1), past_key_values=three)
+    tiny(ids.expand(3, -1), **cache_kwargs(tiny, three))
     for a, b in zip(one.layers, three.layers):
         held_a, held_b = _held(a), _held(b)
         assert held_a.keys() == held_b.keys() and all(torch.equal(held_a[k], held_b[k]) for k in held_a)
@@ -121,10 +124,10 @@ def test_static_path_says_why_it_does_not_apply(tiny):
 
     ids = torch.zeros(1, 8, dtype=torch.long)
     fp16 = kvlab.make_cache("fp16", tiny)
-    tiny(ids, past_key_values=fp16)
+    tiny(ids, **cache_kwargs(tiny, fp16))
     assert static_reason(fp16) == "not on a CUDA device"
     evicting = kvlab.make_cache("h2o:budget=4", tiny)
-    tiny(ids, past_key_values=evicting)
+    tiny(ids, **cache_kwargs(tiny, evicting))
     assert "has no static decode path" in static_reason(evicting)
     with pytest.raises(ValueError, match="no static decode path: not on a CUDA device"):
         make_static(fp16, tiny, 4)
@@ -139,3 +142,49 @@ def test_greedy_tokens_are_the_argmax_with_the_first_maximum_on_ties(vocab):
     got = greedy_tokens(logits)
     assert got.shape == (5, 1) and torch.equal(got, logits.argmax(-1, keepdim=True))
     assert got[1, 0] == 7 and got[3, 0] == 0
+
+
+class _CacheForward(torch.nn.Module):  # transformers >= 5.25
+    def forward(self, input_ids, cache=None):
+        return cache
+
+
+class _RenamedForward(torch.nn.Module):  # 5.25's models: the old name still accepted, with a warning
+    @deprecate_kwarg("past_key_values", "99.0.0", new_name="cache")
+    def forward(self, input_ids, cache=None):
+        return cache
+
+
+class _PastKeyValuesForward(torch.nn.Module):  # transformers 5.17
+    def forward(self, input_ids, past_key_values=None):
+        return past_key_values
+
+
+@pytest.mark.parametrize("cls,keyword", [(_CacheForward, "cache"), (_RenamedForward, "cache"),
+                                         (_PastKeyValuesForward, "past_key_values")])
+def test_cache_kwargs_names_the_keyword_the_models_forward_takes(cls, keyword, cache_deprecations):
+    model, cache = cls(), object()
+    assert cache_kwargs(model, cache) == {keyword: cache}
+    assert model(None, **cache_kwargs(model, cache)) is cache
+    # a compiled module's own forward takes (*args, **kwargs): the keyword comes from the module it wraps
+    assert cache_kwargs(torch.compile(model), cache) == {keyword: cache}
+    assert cache_deprecations() == []
+
+
+def test_kvlab_passes_the_cache_without_a_deprecation_warning(tiny, cache_deprecations):
+    """transformers 5.25's forwards take ``cache=`` (``past_key_values=`` warns, and goes in 5.40; 5.17 has no
+    ``cache=``): kvlab's own forwards and ``generate`` calls pass the keyword the model takes."""
+    ids = torch.randint(3, tiny.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    fp16, kivi = parse_method("fp16"), parse_method("kivi-2:group_size=8,residual=8")
+    assert kvlab.generate(tiny, ids, kivi, max_new_tokens=4).shape == (1, 28)
+    assert window_nll(tiny, ids, kivi, 8, 4)["tokens"] == 16
+    assert full_sequence_nll(tiny, ids, fp16, 8, 4)["tokens"] == 23
+    assert len(decode(tiny, kivi, ids, 3)[0]) == 3
+    assert lat.measure(tiny, lat.method_case(fp16), 1, 16, 3, 0)["decode_path"] == "eager"
+    out = tiny.generate(ids, **cache_kwargs(tiny, kvlab.make_cache(kivi, tiny)), max_new_tokens=3, do_sample=False,
+                        pad_token_id=0)
+    assert out.shape == (1, 27)
+    assert cache_deprecations() == []
+    if "cache" in cache_kwargs(tiny, None):  # and the check sees the warning the old keyword gets
+        tiny(ids, past_key_values=kvlab.make_cache(fp16, tiny))
+        assert cache_deprecations()

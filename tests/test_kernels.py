@@ -365,7 +365,7 @@ def test_static_decoder_follows_the_dynamic_cache(spec, compile):
     the decoder layers compiled (Inductor around kvlab's cache ops) or not."""
     import kvlab
     from kvlab.generate import StaticDecoder, prompt_positions
-    from kvlab.models import load_model
+    from kvlab.models import cache_kwargs, load_model
 
     model, _ = load_model("random:tiny-llama", device=DEVICE, dtype=torch.bfloat16)
     B, P, steps = 2, 40, 24
@@ -378,7 +378,7 @@ def test_static_decoder_follows_the_dynamic_cache(spec, compile):
         cache = kvlab.make_cache(spec, model, max_length=128)
         if spec != "fp16":
             cache.use_fused_attention(model)  # what make_cache does on a CUDA model
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache),
                        logits_to_keep=1).logits
         return cache, logits[:, -1:].argmax(-1)
 
@@ -403,7 +403,7 @@ def test_static_decoder_follows_the_dynamic_cache(spec, compile):
         for s in range(steps):
             running = torch.cat([running, running.new_ones(B, 1)], 1)
             logits = model(input_ids=tokens[:, s : s + 1], attention_mask=running, position_ids=pos[:, -1:] + s + 1,
-                           past_key_values=ref_cache).logits[:, -1].float()
+                           **cache_kwargs(model, ref_cache)).logits[:, -1].float()
             chosen = logits.gather(1, tokens[:, s + 1 :s + 2]).squeeze(1)
             assert ((logits.max(1).values - chosen) <= 2e-2 * logits.abs().max(1).values).all(), s
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from kvlab.generate import StaticDecoder
-from kvlab.models import free_memory, is_oom
+from kvlab.models import cache_kwargs, free_memory, is_oom
 from kvlab.static import static_reason
 
 HF_BASELINES = ("hf-dynamic", "hf-static-compiled", "hf-quanto-2", "hf-quanto-4")
@@ -149,7 +149,7 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
     t0 = time.perf_counter()
     chunk = prefill.chunk or context
     for start in range(0, context, chunk):
-        logits = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True,
+        logits = model(input_ids=ids[:, start : start + chunk], **cache_kwargs(model, cache), use_cache=True,
                        logits_to_keep=1).logits
     next_ids = logits[:, -1:].argmax(-1)
     _sync(device)
@@ -175,7 +175,9 @@ def measure(model, case: Case, batch: int, context: int, gen_len: int, warmup: i
             else:
                 if case.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
-                next_ids = step(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                # the keyword from the model, not from step (a compiled forward takes *args, **kwargs)
+                next_ids = step(input_ids=next_ids, **cache_kwargs(model, cache),
+                                use_cache=True).logits[:, -1:].argmax(-1)
             _sync(device)
             times.append(1000 * (time.perf_counter() - t0))
     finally:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kvlab.cache import make_cache
+from kvlab.models import cache_kwargs
 
 StopCheck = Callable[[list[int]], bool]
 
@@ -39,7 +40,7 @@ def decode(model, method, prompt_ids: torch.Tensor, max_new_tokens: int, forced:
     each position, ``[len(tokens), vocab]``, row ``i`` predicting token ``i``.
     """
     cache = make_cache(method, model)
-    out = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(prompt_ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     steps = len(forced) if forced is not None else max_new_tokens
     tokens: list[int] = []
     rows = []
@@ -49,7 +50,8 @@ def decode(model, method, prompt_ids: torch.Tensor, max_new_tokens: int, forced:
         tokens.append(forced[i] if forced is not None else int(lp.argmax()))
         if i + 1 == steps or (forced is None and stop is not None and stop(tokens)):
             break
-        out = model(torch.tensor([[tokens[-1]]], device=prompt_ids.device), past_key_values=cache, use_cache=True)
+        next_id = torch.tensor([[tokens[-1]]], device=prompt_ids.device)
+        out = model(next_id, **cache_kwargs(model, cache), use_cache=True)
     return tokens, torch.stack(rows) if rows else torch.empty(0)
 
 

@@ -29,7 +29,7 @@ from scipy import stats as scipy_stats
 
 from kvlab.cache import make_cache
 from kvlab.eval.stats import holm, mean_std, paired_test, stars
-from kvlab.models import free_memory, is_oom
+from kvlab.models import cache_kwargs, free_memory, is_oom
 from kvlab.results import config_hash
 
 BASELINE = "fp16"
@@ -172,7 +172,7 @@ def generate_batch(model, tokenizer, prompts: list[str], method, max_new_tokens:
            if sampling.do_sample else {}),
     )
     torch.manual_seed(seed)
-    out = model.generate(**enc, past_key_values=make_cache(method, model), generation_config=config,
+    out = model.generate(**enc, **cache_kwargs(model, make_cache(method, model)), generation_config=config,
                          tokenizer=tokenizer)
     results = []
     for row in out[:, enc.input_ids.shape[1]:].tolist():

@@ -27,7 +27,7 @@ from kvlab.cache import make_cache
 from kvlab.eval.fidelity import decode
 from kvlab.eval.generation import model_path
 from kvlab.methods import parse_method
-from kvlab.models import DEFAULT_MODEL
+from kvlab.models import DEFAULT_MODEL, cache_kwargs
 
 
 @register_model("kvlab")
@@ -39,7 +39,7 @@ class KVLabLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
-        generation_kwargs["past_key_values"] = make_cache(self.kv_method, self.model)
+        generation_kwargs.update(cache_kwargs(self.model, make_cache(self.kv_method, self.model)))
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):

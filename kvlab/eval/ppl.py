@@ -21,6 +21,7 @@ import torch
 
 from kvlab.cache import make_cache
 from kvlab.eviction import kept_tokens
+from kvlab.models import cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,13 @@ def window_nll(model, ids: torch.Tensor, method, prefill: int, chunk_size: int, 
     """Token NLLs of ``ids[prefill:]`` with a fresh ``method`` cache in the loop, and the cache's
     size after each call: tokens kept per head (mean over layers) and bytes."""
     cache = make_cache(method, model)
-    out = model(ids[:, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids[:, :prefill], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     nll = [_nll(out.logits[:, -1:], ids[:, prefill : prefill + 1])]
     sizes, peak = [kept_tokens(cache)], cache.memory_bytes()
     end = ids.shape[1] - 1  # the last token is only a target
     for pos in range(prefill, end, chunk_size):
         stop = min(pos + chunk_size, end)
-        out = model(ids[:, pos:stop], past_key_values=cache, use_cache=True)
+        out = model(ids[:, pos:stop], **cache_kwargs(model, cache), use_cache=True)
         nll.append(_nll(out.logits, ids[:, pos + 1 : stop + 1]))
         sizes.append(kept_tokens(cache))
         peak = max(peak, cache.memory_bytes())
@@ -99,7 +100,7 @@ def window_nll(model, ids: torch.Tensor, method, prefill: int, chunk_size: int, 
 def full_sequence_nll(model, ids: torch.Tensor, method, prefill: int, chunk_size: int, progress=None) -> dict:
     """Token NLLs of ``ids[1:]`` from one forward over the window with a fresh ``method`` cache."""
     cache = make_cache(method, model)
-    out = model(ids, past_key_values=cache, use_cache=True)
+    out = model(ids, **cache_kwargs(model, cache), use_cache=True)
     token_nll = _nll(out.logits[:, :-1], ids[:, 1:])
     if progress is not None:
         progress.update(token_nll.numel())
