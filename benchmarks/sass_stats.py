@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, merge: bool,
-                   outdir: str) -> tuple[str, str]:
+def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, merge: bool, outdir: str,
+                   generic_warps: int = 4) -> tuple[str, str]:
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -43,7 +43,7 @@ def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, me
                 "vc_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16", "mask_ptr": "*u8", "pm_ptr": "*fp32",
                 "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "out_ptr": "*bf16", "ticket_ptr": "*i32", "step_ptr": "*i32",
                 "meta_ptr": "*i32"}
-    warps = 1 if role == 1 else 4
+    warps = 1 if role == 1 else generic_warps
     consts = {"HKV": 8, "N_REP": 4, "QLEN": 1, "M_PAD": 8, "D": 128, "BN": tile,
               "BNG": da._tile_tokens(128, da.GENERIC_TILE), "G": 128, "KBITS": bits,
               "NB": boost, "NB_PAD": max(16, da._pow2(boost)), "HBITS": bits, "VBITS": bits, "GV": 128,
@@ -89,11 +89,12 @@ def main() -> None:
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--tile", type=int, default=64, choices=[64, 128], help="lean tile tokens")
     p.add_argument("--no-merge", action="store_true", help="without the merge by the last program")
+    p.add_argument("--generic-warps", type=int, default=4, choices=[1, 2, 4])
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         role = 1 if args.role == "lean" else 2
         usage, sass = compile_kernel(args.bits, args.boost, role, args.maxnreg, args.tile, not args.no_merge,
-                                     tmp)
+                                     tmp, args.generic_warps)
     regs = re.findall(r"Used (\d+) registers", usage)
     spills = re.findall(r"(\d+) bytes spill stores", usage)
     found = loops(sass)

@@ -717,6 +717,7 @@ LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", -1, -1)  # -1: by the rule above, 0
 LEAN_PER_SM = _tuning("KVLAB_LEAN_PER_SM", 0)  # 0: by the rule above
 LEAN_STAGES = _tuning("KVLAB_LEAN_STAGES", 3, 1)  # tiles in flight (Triton's software pipelining)
 N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 4, 1)
+GENERIC_WARPS = _tuning("KVLAB_GENERIC_WARPS", 4, 1)
 GENERIC_PER_SM = _tuning("KVLAB_GENERIC_PER_SM", 4, 1)
 GENERIC_TILE = _tile_tuning("KVLAB_GENERIC_TILE", 32)  # tokens per generic tile (at most; within one key group)
 MAXNREG = _tuning("KVLAB_MAXNREG", 128)
@@ -858,8 +859,9 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
-        _decode_kernel[(n_generic, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=4, num_stages=3,
-                                             MERGE_CH=merge_chunk(n_parts, merge_rp, D, 4), **_reg_cap(MAXNREG))
+        _decode_kernel[(n_generic, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=GENERIC_WARPS,
+                                             num_stages=3, MERGE_CH=merge_chunk(n_parts, merge_rp, D, GENERIC_WARPS),
+                                             **_reg_cap(MAXNREG))
     if n_split:
         _decode_kernel[(n_split, B * HKV)](*args, **consts, ROLE=ROLE_LEAN.value, num_warps=LEAN_WARPS,
                                            num_stages=LEAN_STAGES, **_reg_cap(lean_cap),
