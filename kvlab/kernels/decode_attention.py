@@ -707,7 +707,8 @@ def _tile_tuning(name: str, default: int) -> int:
 #   11.5, 1x128K 45.4 vs 46.8; 2 was within 1.7 us of 4 either way); registers
 #   capped at 128, 4 programs per SM (ptxas, offline: kivi-2 128 uncapped, kitty-pro 168, no spills at 128;
 #   capped at 168: 64x4K 99.4 us); 32-token tiles rather than 64 (H200 16x4K: kivi-2 37.6 vs 38.9 us, kitty-pro
-#   44.7 vs 53.1);
+#   44.7 vs 53.1); 4 warps, 3 stages (the call at 16x4K / 8x32K / 64x4K, kivi-2: 34.0 / 75.9 / 86.8 us; 2 stages
+#   33.5 / 77.5 / 87.4, 1 stage 34.6 / 79.1 / 95.1; the launch alone with 2 / 8 warps 11.8 / 17.6 vs 10.8 at 16x4K);
 # * the last program of a (batch, KV head) merges the partials where there are at most MERGE_PARTS of them (H200
 #   kivi-2, merge kernel vs last program: 64x4K, 4 partials, 92.5 vs 86.9 us; 32x8K, 8: 81.3 vs 78.6; but 16x4K,
 #   15: 34.1 vs 35.1; 8x32K, 32: 77.4 vs 79.8; 1x128K, 206: 46.9 vs 68.1: one warp's chain of loads).
@@ -718,6 +719,7 @@ LEAN_PER_SM = _tuning("KVLAB_LEAN_PER_SM", 0)  # 0: by the rule above
 LEAN_STAGES = _tuning("KVLAB_LEAN_STAGES", 3, 1)  # tiles in flight (Triton's software pipelining)
 N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 4, 1)
 GENERIC_WARPS = _tuning("KVLAB_GENERIC_WARPS", 4, 1)
+GENERIC_STAGES = _tuning("KVLAB_GENERIC_STAGES", 3, 1)
 GENERIC_PER_SM = _tuning("KVLAB_GENERIC_PER_SM", 4, 1)
 GENERIC_TILE = _tile_tuning("KVLAB_GENERIC_TILE", 32)  # tokens per generic tile (at most; within one key group)
 MAXNREG = _tuning("KVLAB_MAXNREG", 128)
@@ -859,9 +861,9 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
-        _decode_kernel[(n_generic, B * HKV)](*args, **consts, ROLE=ROLE_GENERIC.value, num_warps=GENERIC_WARPS,
-                                             num_stages=3, MERGE_CH=merge_chunk(n_parts, merge_rp, D, GENERIC_WARPS),
-                                             **_reg_cap(MAXNREG))
+        _decode_kernel[(n_generic, B * HKV)](
+            *args, **consts, ROLE=ROLE_GENERIC.value, num_warps=GENERIC_WARPS, num_stages=GENERIC_STAGES,
+            MERGE_CH=merge_chunk(n_parts, merge_rp, D, GENERIC_WARPS), **_reg_cap(MAXNREG))
     if n_split:
         _decode_kernel[(n_split, B * HKV)](*args, **consts, ROLE=ROLE_LEAN.value, num_warps=LEAN_WARPS,
                                            num_stages=LEAN_STAGES, **_reg_cap(lean_cap),
