@@ -3,5 +3,6 @@
 from kvlab.cache import CompressedCache, make_cache
 from kvlab.generate import generate
 from kvlab.methods import build_method, parse_method
+from kvlab.models import cache_kwargs
 
-__all__ = ["CompressedCache", "make_cache", "generate", "build_method", "parse_method"]
+__all__ = ["CompressedCache", "make_cache", "generate", "build_method", "parse_method", "cache_kwargs"]
