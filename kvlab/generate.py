@@ -176,7 +176,7 @@ def generate(model, input_ids: torch.Tensor, cache="fp16", *, max_new_tokens: in
     positions = prompt_positions(attention_mask, B, P, device)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                    **cache_kwargs(model, kv), use_cache=True, logits_to_keep=1).logits
-    first = logits[:, -1:].argmax(-1)
+    first = greedy_tokens(logits[:, -1])
     if max_new_tokens > 1 and static_reason(kv) is None:
         decoder = StaticDecoder(model, kv, first, positions[:, -1:], max_new_tokens - 1, attention_mask, cuda_graph,
                                 compile)
@@ -200,5 +200,5 @@ def _dynamic_decode(model, kv, first: torch.Tensor, last_position: torch.Tensor,
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = model(input_ids=tokens[-1], attention_mask=mask, position_ids=position, **cache_kwargs(model, kv),
                        use_cache=True).logits
-        tokens.append(logits[:, -1:].argmax(-1))
+        tokens.append(greedy_tokens(logits[:, -1]))
     return torch.cat(tokens, dim=1)
