@@ -37,6 +37,7 @@ def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, me
 
     from kvlab.kernels import decode_attention as da
 
+    da.apply_tuning_overrides()
     fn = da._decode_kernel
     pointers = {"q_ptr": "*bf16", "sk_ptr": "*bf16", "sv_ptr": "*bf16", "kt_ptr": "*bf16", "vt_ptr": "*bf16",
                 "lo_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "hi_ptr": "*u8", "idx_ptr": "*i16",

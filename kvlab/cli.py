@@ -362,9 +362,20 @@ def add_ppl_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--max-windows", type=int, default=0, help="--protocol full-sequence: the first N windows (0: all)")
 
 
+def _check_kernel_tuning() -> None:
+    """The KVLAB_* kernel launch overrides, checked before any work (the kernels read them at their first launch)."""
+    from kvlab.kernels.decode_attention import tuning_overrides
+
+    try:
+        tuning_overrides()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_kernel_tuning()
         return args.func(args)
     except UsageError as e:
         print(f"kvlab {args.command}: error: {e}", file=sys.stderr)

@@ -34,6 +34,20 @@ def test_ppl_rejects_bad_input_before_loading(tmp_path, capsys, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_malformed_kernel_override_is_one_line_not_an_import_error(tmp_path):
+    """A bad KVLAB_* launch override used to raise at ``import kvlab``, a traceback before the command line ran."""
+    bad = {"KVLAB_LEAN_TILE": "sixty-four", "KVLAB_DATA_DIR": "/nonexistent"}
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("KVLAB_")} | bad
+    imported = subprocess.run([sys.executable, "-c", "import kvlab"], capture_output=True, text=True, env=env)
+    assert imported.returncode == 0, imported.stderr
+    cli = subprocess.run([sys.executable, "-m", "kvlab.cli", "ppl", "--output-dir", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert cli.returncode == 2
+    assert cli.stderr.strip() == ("kvlab ppl: error: KVLAB_LEAN_TILE='sixty-four': kvlab's kernel tuning overrides "
+                                  "take an integer")
+    assert not (tmp_path / "o").exists()
+
+
 def test_empty_data_file_is_rejected(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")

@@ -425,6 +425,23 @@ def test_tuning_override_must_be_an_integer(monkeypatch):
     assert _tuning("KVLAB_LEAN_MAXNREG", -1, -1) == -1
 
 
+def test_overrides_are_read_at_the_first_launch_not_at_import(monkeypatch):
+    from kvlab.kernels import decode_attention as da
+    from kvlab.quant.codecs import KeyChannelCodec, ValueTokenCodec
+
+    for name in da._OVERRIDES:  # restored after the test
+        monkeypatch.setattr(da, name, getattr(da, name))
+    monkeypatch.setattr(da, "_overrides_applied", False)
+    monkeypatch.setenv("KVLAB_LEAN_TILE", "128")
+    monkeypatch.setenv("KVLAB_GENERIC_PROGRAMS", "2")
+    assert da.tuning_overrides() == {"LEAN_TILE": 128, "N_GENERIC": 2}
+    assert da.LEAN_TILE == 64  # not yet read
+    assert da.lean_config(KeyChannelCodec(2, 128), ValueTokenCodec(2, 128)) == (True, 128)
+    assert da.N_GENERIC == 2
+    monkeypatch.setenv("KVLAB_LEAN_TILE", "32")  # read once
+    assert da.lean_config(KeyChannelCodec(2, 128), ValueTokenCodec(2, 128)) == (True, 128)
+
+
 @pytest.mark.parametrize("value", ["0", "48", "8"])
 def test_tile_override_must_be_a_power_of_two_from_16(monkeypatch, value):
     from kvlab.kernels.decode_attention import _tile_tuning

@@ -632,6 +632,7 @@ def _fp_view(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, 
 
 def lean_config(kc, vc) -> tuple[bool, int]:
     """Whether quantized tiles take the lean path, and its tile size BN."""
+    apply_tuning_overrides()
     bn = _tile_tokens(kc.group_size, LEAN_TILE)
     ok = (kc.bits in (2, 4) and vc.bits == kc.bits and bn and bn // (8 // kc.bits) >= 16
           and (not kc.boost_channels or kc.boost_bits - kc.bits == kc.bits))
@@ -647,6 +648,7 @@ def lean_occupancy(kc) -> tuple[int, int]:
 def kernel_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, key_codec=None,
                        value_codec=None) -> str | None:
     """Why the decode kernels cannot serve a layer of these shapes (and codecs, if given), or None."""
+    apply_tuning_overrides()
     D = head_dim
     if device.type != "cuda" and not triton_interpreting():
         return "not on a CUDA device"
@@ -712,20 +714,55 @@ def _tile_tuning(name: str, default: int) -> int:
 # * the last program of a (batch, KV head) merges the partials where there are at most MERGE_PARTS of them (H200
 #   kivi-2, merge kernel vs last program: 64x4K, 4 partials, 92.5 vs 86.9 us; 32x8K, 8: 81.3 vs 78.6; but 16x4K,
 #   15: 34.1 vs 35.1; 8x32K, 32: 77.4 vs 79.8; 1x128K, 206: 46.9 vs 68.1: one warp's chain of loads).
-LEAN_TILE = _tile_tuning("KVLAB_LEAN_TILE", 64)
-LEAN_WARPS = _tuning("KVLAB_LEAN_WARPS", 1, 1)
-LEAN_MAXNREG = _tuning("KVLAB_LEAN_MAXNREG", -1, -1)  # -1: by the rule above, 0: no cap
-LEAN_PER_SM = _tuning("KVLAB_LEAN_PER_SM", 0)  # 0: by the rule above
-LEAN_STAGES = _tuning("KVLAB_LEAN_STAGES", 3, 1)  # tiles in flight (Triton's software pipelining)
-N_GENERIC = _tuning("KVLAB_GENERIC_PROGRAMS", 4, 1)
-GENERIC_WARPS = _tuning("KVLAB_GENERIC_WARPS", 4, 1)
-GENERIC_STAGES = _tuning("KVLAB_GENERIC_STAGES", 3, 1)
-GENERIC_PER_SM = _tuning("KVLAB_GENERIC_PER_SM", 4, 1)
-GENERIC_TILE = _tile_tuning("KVLAB_GENERIC_TILE", 32)  # tokens per generic tile (at most; within one key group)
-MAXNREG = _tuning("KVLAB_MAXNREG", 128)
-CONCURRENT_GENERIC = _tuning("KVLAB_CONCURRENT_GENERIC", 1)  # generic launch on a side stream, beside the lean one
-MERGE_PARTS = _tuning("KVLAB_MERGE_PARTS", 8)  # at most this many partials per pair: merged by the last program
+LEAN_TILE = 64
+LEAN_WARPS = 1
+LEAN_MAXNREG = -1  # -1: by the rule above, 0: no cap
+LEAN_PER_SM = 0  # 0: by the rule above
+LEAN_STAGES = 3  # tiles in flight (Triton's software pipelining)
+LEAN_MIN_TILES = 4  # tiles per lean program at least (few pairs: more programs, more partials to merge)
+N_GENERIC = 4
+GENERIC_WARPS = 4
+GENERIC_STAGES = 3
+GENERIC_PER_SM = 4
+GENERIC_TILE = 32  # tokens per generic tile (at most; within one key group)
+MAXNREG = 128
+CONCURRENT_GENERIC = 1  # generic launch on a side stream, beside the lean one
+MERGE_PARTS = 8  # at most this many partials per pair: merged by the last program
 MERGE_LOAD_REGS = 64
+
+# Each launch shape above may be overridden by an environment variable: name -> (variable, smallest value; None
+# for a tile size). They are read at the first launch, not at import, so that a malformed one is reported where
+# the caller handles errors (the command line checks them before it starts: a one-line error).
+_OVERRIDES = {
+    "LEAN_TILE": ("KVLAB_LEAN_TILE", None), "LEAN_WARPS": ("KVLAB_LEAN_WARPS", 1),
+    "LEAN_MAXNREG": ("KVLAB_LEAN_MAXNREG", -1), "LEAN_PER_SM": ("KVLAB_LEAN_PER_SM", 0),
+    "LEAN_STAGES": ("KVLAB_LEAN_STAGES", 1), "LEAN_MIN_TILES": ("KVLAB_LEAN_MIN_TILES", 1),
+    "N_GENERIC": ("KVLAB_GENERIC_PROGRAMS", 1),
+    "GENERIC_WARPS": ("KVLAB_GENERIC_WARPS", 1), "GENERIC_STAGES": ("KVLAB_GENERIC_STAGES", 1),
+    "GENERIC_PER_SM": ("KVLAB_GENERIC_PER_SM", 1), "GENERIC_TILE": ("KVLAB_GENERIC_TILE", None),
+    "MAXNREG": ("KVLAB_MAXNREG", 0), "CONCURRENT_GENERIC": ("KVLAB_CONCURRENT_GENERIC", 0),
+    "MERGE_PARTS": ("KVLAB_MERGE_PARTS", 0),
+}
+_overrides_applied = False
+
+
+def tuning_overrides() -> dict[str, int]:
+    """The launch-shape overrides set in the environment (``KVLAB_LEAN_TILE=128``, ...), by constant name.
+    Raises ValueError naming the variable where one is malformed."""
+    found = {}
+    for name, (variable, minimum) in _OVERRIDES.items():
+        if os.environ.get(variable, ""):
+            default = globals()[name]
+            found[name] = _tile_tuning(variable, default) if minimum is None else _tuning(variable, default, minimum)
+    return found
+
+
+def apply_tuning_overrides() -> None:
+    """Sets the launch shapes above from the environment, once (the kernels call it before their first launch)."""
+    global _overrides_applied
+    if not _overrides_applied:
+        globals().update(tuning_overrides())
+        _overrides_applied = True
 
 
 def _reg_cap(cap: int) -> dict:
@@ -739,11 +776,11 @@ def generic_programs(bh: int, sms: int) -> int:
 
 def plan_splits(n_lean: int, bh: int, sms: int, per_sm: int) -> tuple[int, int]:
     """(lean tiles per program, lean programs per (batch, KV head)): at most ``per_sm`` programs per SM,
-    >= 4 tiles each."""
+    >= LEAN_MIN_TILES tiles each."""
     if n_lean == 0:
         return 1, 0
     want = max(1, per_sm * sms // bh)
-    tps = max(min(4, n_lean), -(-n_lean // want))
+    tps = max(min(LEAN_MIN_TILES, n_lean), -(-n_lean // want))
     return tps, -(-n_lean // tps)
 
 
