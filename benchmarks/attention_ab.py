@@ -48,14 +48,15 @@ def parse_variant(spec: str) -> tuple[str, ModuleType, dict[str, int]]:
     return name, module, values
 
 
-def time_variant(module: ModuleType, overrides: dict[str, int], layer, q: torch.Tensor, ref: torch.Tensor) -> dict:
+def time_variant(module: ModuleType, overrides: dict[str, int], layer, q: torch.Tensor, ref: torch.Tensor,
+                 cold_l2: bool) -> dict:
     saved = {key: getattr(module, key) for key in overrides}
     try:
         for key, value in overrides.items():
             setattr(module, key, value)
         out = module.fused_attend(layer, q, None, D**-0.5)
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        times = [bench_graph(lambda: module.fused_attend(layer, q, None, D**-0.5)) * 1e6 for _ in range(2)]
+        times = [bench_graph(lambda: module.fused_attend(layer, q, None, D**-0.5), cold_l2) * 1e6 for _ in range(2)]
         return {"us": min(times), "us_runs": times, "rel_err": err}
     finally:
         for key, value in saved.items():
@@ -67,6 +68,7 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=["8x32768", "16x4096", "64x4096", "1x131072"])
     p.add_argument("--methods", nargs="+", default=["kivi-2", "kitty-pro"])
     p.add_argument("--variant", action="append", required=True, help="NAME[=FILE][:GLOBAL=INT,...]")
+    p.add_argument("--cold-l2", action="store_true", help="flush the L2 before each timed replay (as in a model's step)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention_ab.py needs a CUDA GPU")
@@ -79,14 +81,14 @@ def main() -> None:
         B, L = (int(x) for x in case.split("x"))
         q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DTYPE)
         k, v = random_keys(B, L), torch.randn(B, HKV, L, D, device="cuda", dtype=DTYPE)
-        sdpa_us = bench_graph(lambda: sdpa_decode(q, k, v, D**-0.5)) * 1e6
+        sdpa_us = bench_graph(lambda: sdpa_decode(q, k, v, D**-0.5), args.cold_l2) * 1e6
         del k, v
         for method in args.methods:
             layer = filled_layer(method, B, L)
             ref = reference_attend(layer, q, None, D**-0.5, compute_dtype=torch.float32)
             line = f"{case:>9} {method:>10}  fp16 SDPA {sdpa_us:7.1f} us |"
             for name, module, overrides in variants:
-                r = time_variant(module, overrides, layer, q, ref)
+                r = time_variant(module, overrides, layer, q, ref, args.cold_l2)
                 rows.append({"case": case, "method": method, "variant": name, "sdpa_us": sdpa_us, **r})
                 line += f" {name} {r['us']:7.1f} ({sdpa_us / r['us']:.2f}x, err {r['rel_err']:.1e})"
             print(line, flush=True)
@@ -94,7 +96,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "attention_ab.json"), "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "variants": args.variant, "rows": rows}, f, indent=1)
+            json.dump({"gpu": torch.cuda.get_device_name(), "variants": args.variant, "cold_l2": args.cold_l2,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

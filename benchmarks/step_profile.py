@@ -10,21 +10,33 @@ the LM head) timed alone at the batch size, over all layers' real weights in tur
 none of them), against the copy bandwidth measured in the same run; ``q+k+v`` and ``gate+up`` rows
 time the same products with the weights concatenated (what a fused projection would read).
 
+The attention of each layer is also broken down from the profiler's trace: device time per launch role (lean:
+the one-warp programs; generic; the merge kernel; fp16: the dense kernel), and its span in the step, from the
+first attention kernel's start to the last one's end (what the next kernel waits for), with one layer's
+timeline. ``--variant NAME:GLOBAL=INT,...`` profiles the packed methods again with kernel launch overrides
+(module globals of ``kvlab.kernels.decode_attention``, as in ``benchmarks/attention_ab.py``) in the same process.
+
     python benchmarks/step_profile.py --batch 16 --context 4096 --methods fp16 kivi-2 --matmuls
+    python benchmarks/step_profile.py --methods kivi-2 --variant base --variant g2:N_GENERIC=2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import tempfile
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from attention_ab import parse_variant  # benchmarks/ is on sys.path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 import kvlab
 from kvlab.generate import StaticDecoder, capacity, decoder_layers
+from kvlab.kernels import decode_attention
 from kvlab.methods import parse_method
 from kvlab.models import cache_kwargs, load_model
 from kvlab.projections import GROUPS as GROUPS_JOINED
@@ -43,6 +55,49 @@ def group_of(name: str) -> str:
         if any(k.lower() in low for k in keys):
             return group
     return OTHER
+
+
+def attention_timeline(trace: dict, steps: int) -> dict:
+    """Per layer: device us of each attention launch role, and the attention's span in the step (from its first
+    kernel's start to its last one's end; a layer's attention kernels are those between two other kernels)."""
+    kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    lean_block = 32 * decode_attention.LEAN_WARPS
+    two_roles = decode_attention.LEAN_WARPS != decode_attention.GENERIC_WARPS
+
+    def role(e: dict) -> str | None:
+        name = e["name"]
+        if "_combine_kernel" in name:
+            return "merge"
+        if "_dense_decode_kernel" in name:
+            return "fp16"
+        if "_decode_kernel" in name:
+            if not two_roles:
+                return "lean+generic"
+            return "lean" if e.get("args", {}).get("block", [0])[0] == lean_block else "generic"
+        return None
+
+    layers, layer = [], []
+    for e in kernels:
+        r = role(e)
+        if r is not None:
+            layer.append((r, e["ts"], e["dur"]))
+        elif layer:
+            layers.append(layer)
+            layer = []
+    if layer:
+        layers.append(layer)
+    if not layers:
+        return {}
+    totals: dict[str, float] = defaultdict(float)
+    for lay in layers:
+        for r, _, dur in lay:
+            totals[r] += dur
+    spans = [max(t + d for _, t, d in lay) - min(t for _, t, _ in lay) for lay in layers]
+    middle = layers[len(layers) // 2]
+    t0 = min(t for _, t, _ in middle)
+    return {"layers_per_step": len(layers) / steps, "role_us": {r: v / len(layers) for r, v in totals.items()},
+            "span_us": statistics.mean(spans), "span_median_us": statistics.median(spans),
+            "one_layer": [{"role": r, "start_us": t - t0, "us": d} for r, t, d in middle]}
 
 
 def graph_ms(fn, repeats: int) -> float:
@@ -73,6 +128,11 @@ def profile_method(model, spec: str, batch: int, context: int, steps: int, top: 
             decoder.step()
         torch.cuda.synchronize()
     decoder.finish()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            timeline = attention_timeline(json.load(f), steps)
     groups: dict[str, float] = defaultdict(float)
     kernels = []
     for evt in prof.key_averages():
@@ -82,7 +142,7 @@ def profile_method(model, spec: str, batch: int, context: int, steps: int, top: 
             kernels.append((t / steps, evt.count / steps, evt.key))
     kernels.sort(reverse=True)
     return {"method": spec, "batch": batch, "context": context, "step_ms": step_ms,
-            "kernel_ms": sum(groups.values()), "groups": dict(groups),
+            "kernel_ms": sum(groups.values()), "groups": dict(groups), "attention": timeline,
             "top": [{"us": us, "calls": n, "kernel": k[:100]} for us, n, k in kernels[:top]]}
 
 
@@ -138,9 +198,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12, help="kernels listed per method")
     ap.add_argument("--matmuls", action="store_true", help="time each weight matmul alone too")
     ap.add_argument("--output", default=None, help="JSON results")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME[:GLOBAL=INT,...]: the packed methods again with these kernel launch overrides")
     args = ap.parse_args()
     if args.steps < 1 or args.top < 0 or min(args.batch) < 1:
         ap.error("--steps and --batch take integers >= 1, --top >= 0")
+    variants = [parse_variant(v) for v in args.variant] or [("default", decode_attention, {})]
+    if any(module is not decode_attention for _, module, _ in variants):
+        ap.error("--variant takes overrides only here (NAME:GLOBAL=INT,...): the step runs the installed kernel")
     model, _ = load_model(args.model, device="cuda", dtype=torch.bfloat16)
     results: dict = {"copy_gbps": copy_gbps(), "steps": [], "matmuls": []}
     print(f"{args.model}, context {args.context}; copy bandwidth {results['copy_gbps']:.0f} GB/s")
@@ -153,13 +218,33 @@ def main() -> None:
                       f"{row['gbps']:6.0f} GB/s", flush=True)
         print(f"batch {batch}: ms per decode step" + "".join(f"{g[:20]:>21s}" for g in groups) + "  kernels  graph")
         for spec in args.methods:
-            r = profile_method(model, spec, batch, args.context, args.steps, args.top)
-            results["steps"].append(r)
-            print(f"  {spec:28s}" + "".join(f"{r['groups'].get(g, 0.0):21.3f}" for g in groups)
-                  + f"{r['kernel_ms']:9.3f}{r['step_ms']:7.3f}", flush=True)
-            for k in r["top"]:
-                print(f"      {k['us']:9.1f} us {k['calls']:5.0f}x  {k['kernel']}")
-            torch.cuda.empty_cache()
+            for name, _, overrides in (variants if spec != "fp16" else variants[:1]):
+                saved = {key: getattr(decode_attention, key) for key in overrides}
+                decode_attention.apply_tuning_overrides()
+                for key, value in overrides.items():
+                    setattr(decode_attention, key, value)
+                try:
+                    r = profile_method(model, spec, batch, args.context, args.steps, args.top)
+                except Exception as e:  # noqa: BLE001  (a variant that does not launch: report it, go on)
+                    print(f"  {spec} [{name}]: ERROR {e!r}", flush=True)
+                    continue
+                finally:
+                    for key, value in saved.items():
+                        setattr(decode_attention, key, value)
+                r["variant"] = name
+                results["steps"].append(r)
+                label = spec if len(variants) == 1 else f"{spec} [{name}]"
+                print(f"  {label:28s}" + "".join(f"{r['groups'].get(g, 0.0):21.3f}" for g in groups)
+                      + f"{r['kernel_ms']:9.3f}{r['step_ms']:7.3f}", flush=True)
+                a = r["attention"]
+                if a:
+                    roles = ", ".join(f"{k} {v:.1f}" for k, v in a["role_us"].items())
+                    print(f"      attention per layer ({a['layers_per_step']:.0f} per step): {roles} us; span "
+                          f"{a['span_us']:.1f} us (median {a['span_median_us']:.1f}); one layer: "
+                          + ", ".join(f"{k['role']} +{k['start_us']:.1f}/{k['us']:.1f}" for k in a["one_layer"]))
+                for k in r["top"]:
+                    print(f"      {k['us']:9.1f} us {k['calls']:5.0f}x  {k['kernel']}")
+                torch.cuda.empty_cache()
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=1)
