@@ -27,6 +27,7 @@ from attention import DTYPE, HKV, HQ, D, bench_graph, filled_layer, random_keys,
 def parse_variant(spec: str) -> tuple[str, ModuleType, dict[str, int]]:
     import kvlab.kernels.decode_attention as current
 
+    current.apply_tuning_overrides()  # the environment's first: a variant's overrides go on top and stay
     head, _, overrides = spec.partition(":")
     name, _, path = head.partition("=")
     module = current

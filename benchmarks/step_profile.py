@@ -220,7 +220,6 @@ def main() -> None:
         for spec in args.methods:
             for name, _, overrides in (variants if spec != "fp16" else variants[:1]):
                 saved = {key: getattr(decode_attention, key) for key in overrides}
-                decode_attention.apply_tuning_overrides()
                 for key, value in overrides.items():
                     setattr(decode_attention, key, value)
                 try:
