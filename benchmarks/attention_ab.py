@@ -15,9 +15,11 @@ Shapes as in benchmarks/attention.py. JSON goes to $OUT/attention_ab.json when $
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -49,19 +51,26 @@ def parse_variant(spec: str) -> tuple[str, ModuleType, dict[str, int]]:
     return name, module, values
 
 
-def time_variant(module: ModuleType, overrides: dict[str, int], layer, q: torch.Tensor, ref: torch.Tensor,
-                 cold_l2: bool) -> dict:
+@contextlib.contextmanager
+def overridden(module: ModuleType, overrides: dict[str, int]) -> Iterator[None]:
+    """The module's globals set to ``overrides`` inside the block, restored after it."""
     saved = {key: getattr(module, key) for key in overrides}
     try:
         for key, value in overrides.items():
             setattr(module, key, value)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(module, key, value)
+
+
+def time_variant(module: ModuleType, overrides: dict[str, int], layer, q: torch.Tensor, ref: torch.Tensor,
+                 cold_l2: bool) -> dict:
+    with overridden(module, overrides):
         out = module.fused_attend(layer, q, None, D**-0.5)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         times = [bench_graph(lambda: module.fused_attend(layer, q, None, D**-0.5), cold_l2) * 1e6 for _ in range(2)]
         return {"us": min(times), "us_runs": times, "rel_err": err}
-    finally:
-        for key, value in saved.items():
-            setattr(module, key, value)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from attention_ab import parse_variant  # benchmarks/ is on sys.path when run as a script
+from attention_ab import overridden, parse_variant  # benchmarks/ is on sys.path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 import kvlab
@@ -203,6 +203,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps < 1 or args.top < 0 or min(args.batch) < 1:
         ap.error("--steps and --batch take integers >= 1, --top >= 0")
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/step_profile.py needs a CUDA GPU")
     variants = [parse_variant(v) for v in args.variant] or [("default", decode_attention, {})]
     if any(module is not decode_attention for _, module, _ in variants):
         ap.error("--variant takes overrides only here (NAME:GLOBAL=INT,...): the step runs the installed kernel")
@@ -219,17 +221,12 @@ def main() -> None:
         print(f"batch {batch}: ms per decode step" + "".join(f"{g[:20]:>21s}" for g in groups) + "  kernels  graph")
         for spec in args.methods:
             for name, _, overrides in (variants if spec != "fp16" else variants[:1]):
-                saved = {key: getattr(decode_attention, key) for key in overrides}
-                for key, value in overrides.items():
-                    setattr(decode_attention, key, value)
                 try:
-                    r = profile_method(model, spec, batch, args.context, args.steps, args.top)
+                    with overridden(decode_attention, overrides):
+                        r = profile_method(model, spec, batch, args.context, args.steps, args.top)
                 except Exception as e:  # noqa: BLE001  (a variant that does not launch: report it, go on)
                     print(f"  {spec} [{name}]: ERROR {e!r}", flush=True)
                     continue
-                finally:
-                    for key, value in saved.items():
-                        setattr(decode_attention, key, value)
                 r["variant"] = name
                 results["steps"].append(r)
                 label = spec if len(variants) == 1 else f"{spec} [{name}]"

@@ -1,6 +1,7 @@
 """The command line end to end on a tiny slice of the real model, and its input validation."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,7 +38,7 @@ def test_ppl_rejects_bad_input_before_loading(tmp_path, capsys, args, message):
 def test_malformed_kernel_override_is_one_line_not_an_import_error(tmp_path):
     """A bad KVLAB_* launch override used to raise at ``import kvlab``, a traceback before the command line ran."""
     bad = {"KVLAB_LEAN_TILE": "sixty-four", "KVLAB_DATA_DIR": "/nonexistent"}
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("KVLAB_")} | bad
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVLAB_")} | bad
     imported = subprocess.run([sys.executable, "-c", "import kvlab"], capture_output=True, text=True, env=env)
     assert imported.returncode == 0, imported.stderr
     cli = subprocess.run([sys.executable, "-m", "kvlab.cli", "ppl", "--output-dir", str(tmp_path / "o")],
