@@ -422,8 +422,12 @@ def _decode_kernel(
             qsT = tl.trans((qf * kscale[None, :]).to(tl.float16))
             zq = tl.sum(qf * kzero[None, :], axis=1)
             kbytes = tl.load(lo_ptr + (t0 // KPER + r)[:, None] * D + d[None, :])  # [R4, D]
-            # value byte rows t0 / VPER + r, four interleaved per channel (ValueTokenCodec): [D, R4]
-            vbT = tl.load(vc_ptr + ((t0 // (4 * VPER) + r // 4) * (4 * D) + r % 4)[None, :] + 4 * d[:, None])
+            # Value byte rows t0 / VPER + r, four interleaved per channel (ValueTokenCodec), are R4 / 4 whole rows
+            # of 4 D contiguous bytes: loaded as such (16-byte copies; indexed as [D, R4] directly, Triton copied
+            # them 4 bytes at a time), then [row, 4 c + s] -> vbT [c, 4 row + s]
+            vrows = tl.load(vc_ptr + (t0 // (4 * VPER) + tl.arange(0, R4 // 4))[:, None] * (4 * D)
+                            + tl.arange(0, 4 * D)[None, :])
+            vbT = tl.reshape(tl.permute(tl.reshape(vrows, (R4 // 4, D, 4)), (1, 0, 2)), (D, R4))
             qbT = qsT  # placeholders when there is no boost
             hbytes = kbytes
             if NB > 0:
