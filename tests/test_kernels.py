@@ -7,6 +7,7 @@ subprocess with the flag set.
 """
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -180,6 +181,36 @@ def test_fused_attend_128_token_tiles(monkeypatch, pad):
         mask[1, ..., :9] = False
     out = fused_attend(layer, query, mask, 0.125)
     assert rel_err(out, reference_attend(layer, query, mask, 0.125, compute_dtype=torch.float32)) < 1e-2
+
+
+@here
+@pytest.mark.parametrize("nb,tiles", [(0, 1), (0, 3), (12, 3)])
+def test_fused_attend_lean_programs_start_inside_a_key_group_and_logits_grow(monkeypatch, nb, tiles):
+    """Lean programs of 1 or 3 tiles of 64 tokens start inside 128-token key groups (the group's scales and its
+    query products are taken where a program starts), and keys drift along the queries' direction so that the
+    logits grow by ~2.5 (base 2) per tile up to a peak before the fp16 tail: the running max moves at most tiles
+    where the weight is (the rescale, and `benchmarks/experiments/group_once_lazy_rescale.patch`'s threshold of 2).
+    The reference's result."""
+    from kvlab.kernels import decode_attention
+
+    monkeypatch.setattr(decode_attention, "LEAN_MIN_TILES", tiles)
+    B, H_kv, D, T, per_sm = 1, 2, 64, 1200, 64
+    u = torch.nn.functional.normalize(torch.randn(H_kv, D, device=DEVICE), dim=-1)
+    query = (4 * u.repeat_interleave(4, 0) + 0.5 * torch.randn(H_kv * 4, D, device=DEVICE))[None, :, None]
+    query = query.to(torch.bfloat16)
+    t = torch.arange(T, device=DEVICE)[:, None]
+    rise = torch.where(t < 800, t, 1600 - t)  # a peak before the fp16 tail (its last 256 tokens at least)
+    drift = rise * (2.5 / 64 / (0.125 * 4 * math.log2(math.e))) * u[:, None, :]  # q.u ~ 4, scale 0.125
+    keys = (keys_like_a_model(B, H_kv, T, D, torch.float32) + drift).to(torch.bfloat16)
+    values = torch.randn(B, H_kv, T, D, device=DEVICE, dtype=torch.bfloat16)
+    layer = QuantizedLayer(KeyChannelCodec(2, 128, nb, 4), ValueTokenCodec(2, 64), 256, 4)
+    layer.update(keys[:, :, :-1], values[:, :, :-1])
+    layer.update(keys[:, :, -1:], values[:, :, -1:])  # quantizes what left the window
+    monkeypatch.setattr(decode_attention, "LEAN_PER_SM", per_sm)
+    sms = decode_attention._num_sms(torch.device(DEVICE))
+    assert decode_attention.plan_splits(layer.key_store.tokens // 64, B * H_kv, sms, per_sm)[0] == tiles
+    out = fused_attend(layer, query, None, 0.125)
+    assert rel_err(out, reference_attend(layer, query, None, 0.125, compute_dtype=torch.float32)) < 1e-2
 
 
 @here

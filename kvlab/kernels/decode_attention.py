@@ -897,18 +897,21 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         META=static is not None, N_GENERIC=n_generic, MERGE_RP=merge_rp,
     )
     # The generic programs are few and latency-bound: on a side stream (a parallel branch of a captured CUDA
-    # graph) they may run beside the lean ones, where registers allow.
+    # graph) they run beside the lean ones. The lean launch goes first: where its programs fill the SMs, the
+    # generic ones take the slots they free, instead of every SM's registers while the lean programs wait (H100,
+    # docs/kernels.md, thirteenth session: 16 x 4K step kivi-2 -2.1%, kitty-pro -0.7%; 8 x 32K kernel -5% / -3%;
+    # 1 x 4K step +1.3% / -1.5%).
     side = _side_stream(_cuda_index(dev)) if n_split and CONCURRENT_GENERIC and dev.type == "cuda" else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        _decode_kernel[(n_generic, B * HKV)](
-            *args, **consts, ROLE=ROLE_GENERIC.value, num_warps=GENERIC_WARPS, num_stages=GENERIC_STAGES,
-            MERGE_CH=merge_chunk(n_parts, merge_rp, D, GENERIC_WARPS), **_reg_cap(MAXNREG))
     if n_split:
         _decode_kernel[(n_split, B * HKV)](*args, **consts, ROLE=ROLE_LEAN.value, num_warps=LEAN_WARPS,
                                            num_stages=LEAN_STAGES, **_reg_cap(lean_cap),
                                            MERGE_CH=merge_chunk(n_parts, merge_rp, D, LEAN_WARPS))
+    with torch.cuda.stream(side):
+        _decode_kernel[(n_generic, B * HKV)](
+            *args, **consts, ROLE=ROLE_GENERIC.value, num_warps=GENERIC_WARPS, num_stages=GENERIC_STAGES,
+            MERGE_CH=merge_chunk(n_parts, merge_rp, D, GENERIC_WARPS), **_reg_cap(MAXNREG))
     if side is not None:
         torch.cuda.current_stream(dev).wait_stream(side)
     if n_parts > MERGE_PARTS:
