@@ -222,7 +222,7 @@ def test_memory_bytes_and_bits_are_honest(model, predictors_path):
 def test_generate_greedy_and_beam_search(model, predictors_path):
     ids = torch.randint(3, 128, (2, 14))
     out = model.generate(ids, **cache_kwargs(model, kvlab.make_cache(aqua(predictors_path), model)), max_new_tokens=30,
-                         do_sample=False, pad_token_id=0)
+                         min_new_tokens=30, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 44)
     cache = kvlab.make_cache(aqua(predictors_path), model)
     out = model.generate(ids[:1], **cache_kwargs(model, cache), max_new_tokens=20, num_beams=3, do_sample=False,

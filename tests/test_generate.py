@@ -181,8 +181,8 @@ def test_kvlab_passes_the_cache_without_a_deprecation_warning(tiny, cache_deprec
     assert full_sequence_nll(tiny, ids, fp16, 8, 4)["tokens"] == 23
     assert len(decode(tiny, kivi, ids, 3)[0]) == 3
     assert lat.measure(tiny, lat.method_case(fp16), 1, 16, 3, 0)["decode_path"] == "eager"
-    out = tiny.generate(ids, **cache_kwargs(tiny, kvlab.make_cache(kivi, tiny)), max_new_tokens=3, do_sample=False,
-                        pad_token_id=0)
+    out = tiny.generate(ids, **cache_kwargs(tiny, kvlab.make_cache(kivi, tiny)), max_new_tokens=3, min_new_tokens=3,
+                        do_sample=False, pad_token_id=0)
     assert out.shape == (1, 27)
     assert cache_deprecations() == []
     if "cache" in cache_kwargs(tiny, None):  # and the check sees the warning the old keyword gets
