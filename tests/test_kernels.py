@@ -193,8 +193,9 @@ def test_fused_attend_lean_programs_start_inside_a_key_group_and_logits_grow(mon
     The reference's result."""
     from kvlab.kernels import decode_attention
 
-    monkeypatch.setattr(decode_attention, "LEAN_MIN_TILES", tiles)
     B, H_kv, D, T, per_sm = 1, 2, 64, 1200, 64
+    monkeypatch.setattr(decode_attention, "LEAN_MIN_TILES", tiles)
+    monkeypatch.setattr(decode_attention, "LEAN_PER_SM", per_sm)
     u = torch.nn.functional.normalize(torch.randn(H_kv, D, device=DEVICE), dim=-1)
     query = (4 * u.repeat_interleave(4, 0) + 0.5 * torch.randn(H_kv * 4, D, device=DEVICE))[None, :, None]
     query = query.to(torch.bfloat16)
@@ -206,7 +207,6 @@ def test_fused_attend_lean_programs_start_inside_a_key_group_and_logits_grow(mon
     layer = QuantizedLayer(KeyChannelCodec(2, 128, nb, 4), ValueTokenCodec(2, 64), 256, 4)
     layer.update(keys[:, :, :-1], values[:, :, :-1])
     layer.update(keys[:, :, -1:], values[:, :, -1:])  # quantizes what left the window
-    monkeypatch.setattr(decode_attention, "LEAN_PER_SM", per_sm)
     sms = decode_attention._num_sms(torch.device(DEVICE))
     assert decode_attention.plan_splits(layer.key_store.tokens // 64, B * H_kv, sms, per_sm)[0] == tiles
     out = fused_attend(layer, query, None, 0.125)
