@@ -19,16 +19,14 @@ so ``Tk >= Tv``). Two launches of one kernel (``ROLE``):
   (``q.k = (q * s).code + q.z``) and, when a value group spans the head (G >= head_dim, the
   default), the value scale folds into ``p`` (``sum_t p_t (c_t s_t + z_t) = (p * s) . c + sum_t
   p_t z_t``), so nothing is dequantized per element.
-  Each lean program takes an equal share (within one tile) of all (batch row, KV head) pairs' tiles, taken
-  in order, so a share may reach several pairs: one partial result for each.
 * up to ``N_GENERIC`` programs per (batch row, KV head) handle the rest (sinks, the zone whose keys are
   quantized but values not yet, the fp16 tails; a few tiles, dealt round-robin), in three
   straight loops (no data-dependent branch that yields tensors: Triton 3.6 miscompiled that
-  form, see docs/kernels.md). They are launched after the lean programs, on a side stream, and take
-  the SMs' slots as the lean programs free them.
+  form, see docs/kernels.md). They are launched first, on a side stream, so that they may run beside
+  the lean programs (which leave them few registers: mostly they run before).
 
 The partial softmax results (log-sum-exp) are merged by the last program of each (batch row, KV head) to
-finish (an arrival counter per pair), or, where a pair has more than ``MERGE_PARTS`` partials, by a merge
+finish (an arrival counter per pair), or, where a pair has more than ``MERGE_PARTS`` programs, by a merge
 kernel after the launches. Each program holds all
 ``n_rep * q_len`` query rows of its KV head (padded to 8), so every KV tile is read once per GQA
 group.
@@ -304,14 +302,13 @@ def _merge_rows(pm_ptr, pl_ptr, pacc_ptr, base, n_parts, rows, row_ok, dst, NR: 
 
 
 @triton.jit
-def _merge_if_last(ticket_ptr, n_arrive, n_parts, pm_ptr, pl_ptr, pacc_ptr, base, rows, row_ok, dst, NR: tl.constexpr,
+def _merge_if_last(ticket_ptr, n_parts, pm_ptr, pl_ptr, pacc_ptr, base, rows, row_ok, dst, NR: tl.constexpr,
                    D: tl.constexpr, RP: tl.constexpr, CH: tl.constexpr):
-    """Called by each of the ``n_arrive`` programs that store partials of a (batch, KV head) once its partial is
-    stored: the last to arrive merges all ``n_parts`` of them and sets the counter back to 0 for the next call. The
-    barrier puts every thread's stores before the counter's release; the acquire puts the other programs' stores
-    before the merge's loads."""
+    """Called by each of a (batch, KV head)'s ``n_parts`` programs once its partial is stored: the last to arrive
+    merges them all and sets the counter back to 0 for the next call. The barrier puts every thread's stores
+    before the counter's release; the acquire puts the other programs' stores before the merge's loads."""
     tl.debug_barrier()
-    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == n_arrive - 1:
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == n_parts - 1:
         _merge_rows(pm_ptr, pl_ptr, pacc_ptr, base, n_parts, rows, row_ok, dst, NR, D, RP, CH)
         tl.atomic_xchg(ticket_ptr, 0)
 
@@ -320,8 +317,7 @@ _INT_ARGS = [
     "sq_b", "sq_h", "sq_t",
     "skb", "skh", "skt", "svb", "svh", "svt", "ktb", "kth", "ktt", "vtb", "vth", "vtt",
     "lo_b", "lo_h", "ks_b", "ks_h", "hi_b", "hi_h", "ix_b", "ix_h", "vc_b", "vc_h", "vs_b", "vs_h",
-    "sm_b", "sm_q", "S", "Tk", "Tv", "Rk", "n_lean", "n_pairs", "n_programs", "min_tiles", "lean_slots", "KR", "VR",
-    "so_b", "so_t", "so_h",
+    "sm_b", "sm_q", "S", "Tk", "Tv", "Rk", "n_lean", "n_split", "TPS", "KR", "VR", "so_b", "so_t", "so_h",
 ]
 
 # Columns of a static cache's per-step schedule (kvlab.static): sinks, quantized keys, quantized
@@ -333,62 +329,6 @@ META_COLS = 8
 ROLE_LEAN, ROLE_GENERIC = tl.constexpr(1), tl.constexpr(2)
 
 
-@triton.jit
-def _query_rows(q_ptr, sq_b, sq_h, sq_t, b, h, qk_scale, N_REP: tl.constexpr, QLEN: tl.constexpr,
-                M_PAD: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr):
-    """The query rows of KV head ``h`` of batch row ``b`` (row = r * QLEN + i: query head h * N_REP + r, token i):
-    (q in DTYPE, q * qk_scale in fp32, the rows' pointers, which rows are real, each row's token)."""
-    rows = tl.arange(0, M_PAD)
-    row_ok = rows < N_REP * QLEN
-    qi = rows % QLEN
-    q_rows = q_ptr + b * sq_b + (h * N_REP + rows // QLEN) * sq_h + qi * sq_t
-    q = tl.load(q_rows[:, None] + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
-    return q.to(DTYPE), q.to(tl.float32) * qk_scale, q_rows, row_ok, qi
-
-
-@triton.jit
-def _lean_program_of(x, total, n_programs):
-    """The lean program whose share holds lean tile ``x`` (of all pairs' tiles in order): program p streams tiles
-    [p * total // n_programs, (p + 1) * total // n_programs)."""
-    return ((x + 1) * n_programs - 1) // total
-
-
-@triton.jit
-def _lean_shares(n_pairs, n_lean, n_programs, min_tiles):
-    """(lean tiles of all pairs, lean programs that take a share of them: the launch's, or fewer where that would
-    leave a share under min_tiles; a static cache's launch is planned for its capacity, shared here by the tiles
-    there are now)."""
-    total = tl.cast(n_pairs, tl.int64) * n_lean
-    return total, tl.maximum(1, tl.minimum(n_programs, total // min_tiles))
-
-
-@triton.jit
-def _lean_partials(pair, n_lean, total, used):
-    """How many lean programs' shares reach this (batch, KV head): its partials from the lean launch."""
-    first = tl.cast(pair, tl.int64) * n_lean
-    tiles = tl.maximum(total, 1)  # no tiles: no partials (and no division by 0)
-    count = _lean_program_of(first + n_lean - 1, tiles, used) - _lean_program_of(first, tiles, used) + 1
-    return tl.where(n_lean > 0, count, 0).to(tl.int32)
-
-
-@triton.jit
-def _store_partial_and_merge(m_i, l_i, part, rows, row_ok, pair, n_arrive, n_parts, pm_ptr, pl_ptr, pacc_ptr, out_ptr,
-                             ticket_ptr, so_b, so_t, so_h, HKV: tl.constexpr, N_REP: tl.constexpr, QLEN: tl.constexpr,
-                             D: tl.constexpr, MERGE_RP: tl.constexpr, MERGE_CH: tl.constexpr):
-    """Stores a program's softmax max and sum (its output rows are stored already) and, with MERGE_CH > 0, merges
-    the pair's partials if it is the last of the pair's ``n_arrive`` programs to finish."""
-    tl.store(pm_ptr + part + rows, m_i, mask=row_ok)
-    tl.store(pl_ptr + part + rows, l_i, mask=row_ok)
-    if MERGE_CH > 0:
-        NR: tl.constexpr = N_REP * QLEN
-        b = tl.cast(pair // HKV, tl.int64)
-        h = pair % HKV
-        mrows = tl.arange(0, MERGE_RP)
-        dst = out_ptr + b * so_b + (mrows % QLEN) * so_t + (h * N_REP + mrows // QLEN) * so_h
-        _merge_if_last(ticket_ptr + pair, n_arrive, n_parts, pm_ptr, pl_ptr, pacc_ptr, tl.cast(pair, tl.int64) * n_parts * NR,
-                       mrows, mrows < NR, dst, NR, D, MERGE_RP, MERGE_CH)
-
-
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _decode_kernel(
     q_ptr, sq_b, sq_h, sq_t,
@@ -398,7 +338,7 @@ def _decode_kernel(
     lo_b, lo_h, ks_b, ks_h, hi_b, hi_h, ix_b, ix_h, vc_b, vc_h, vs_b, vs_h,
     mask_ptr, sm_b, sm_q,
     pm_ptr, pl_ptr, pacc_ptr, out_ptr, so_b, so_t, so_h, ticket_ptr,
-    S, Tk, Tv, Rk, n_lean, n_pairs, n_programs, min_tiles, lean_slots, qk_scale,
+    S, Tk, Tv, Rk, n_lean, n_split, TPS, qk_scale,
     step_ptr, meta_ptr, KR, VR,
     HKV: tl.constexpr, N_REP: tl.constexpr, QLEN: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
     BN: tl.constexpr, BNG: tl.constexpr, G: tl.constexpr, KBITS: tl.constexpr, NB: tl.constexpr,
@@ -406,10 +346,8 @@ def _decode_kernel(
     LEAN: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr, META: tl.constexpr, ROLE: tl.constexpr,
     N_GENERIC: tl.constexpr, MERGE_RP: tl.constexpr, MERGE_CH: tl.constexpr,
 ):
-    """Partials: ``lean_slots`` per (batch, KV head) for the lean programs' shares of its tiles (those no share
-    reaches are stored empty by its first generic program), then N_GENERIC for its generic programs. MERGE_CH > 0:
-    the last program of each (batch, KV head) merges them (``_merge_if_last``), MERGE_CH per load, into ``out``;
-    otherwise the merge kernel runs after the launches.
+    """MERGE_CH > 0: the last program of each (batch, KV head) merges the partials (``_merge_if_last``), MERGE_CH
+    of them per load, into ``out``; otherwise the merge kernel runs after the launches.
 
     META: lengths come from row ``*step_ptr`` of the schedule ``meta_ptr`` and the tails are rings
     (token ``t`` of the key tail in row ``t % KR``, of the value tail in ``t % VR``): a static cache
@@ -422,144 +360,122 @@ def _decode_kernel(
         Rk = tl.load(meta_row + 3)
         if LEAN:
             n_lean = tl.minimum(Tk, Tv) // BN
-    n_parts = lean_slots + N_GENERIC
+    pid_s = tl.program_id(0)
+    if ROLE == ROLE_GENERIC:
+        pid_s += n_split
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)  # batch offsets of a long context overflow int32
+    h = pid_bh % HKV
+    n_parts = n_split + N_GENERIC
     L = S + Tk + Rk
     NR: tl.constexpr = N_REP * QLEN
-    d = tl.arange(0, D)
-    rows = tl.arange(0, M_PAD)
 
-    # Lean program p streams its share of all pairs' lean tiles, taken in order (pair, tile): an equal share for
-    # every program, so that none holds a tile more than the others where the tiles do not divide evenly among
-    # the pairs' programs; one partial for each pair its share reaches.
+    rows = tl.arange(0, M_PAD)  # row = r * QLEN + i: query head h * N_REP + r, query token i
+    row_ok = rows < NR
+    qi = rows % QLEN
+    d = tl.arange(0, D)
+    q_rows = q_ptr + b * sq_b + (h * N_REP + rows // QLEN) * sq_h + qi * sq_t
+    q = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    qf = q.to(tl.float32) * qk_scale
+    q = q.to(DTYPE)
+
+    # Every packed field is contiguous within a (batch, head) and its rows are whole bytes of D channels.
+    lo_ptr += tl.multiple_of(b * lo_b + h * lo_h, D)
+    ks_ptr += tl.multiple_of(b * ks_b + h * ks_h, D)
+    kz_ptr += tl.multiple_of(b * ks_b + h * ks_h, D)
+    hi_ptr += b * hi_b + h * hi_h
+    idx_ptr += b * ix_b + h * ix_h
+    vc_ptr += tl.multiple_of(b * vc_b + h * vc_h, D * VBITS // 8)
+    vs_ptr += b * vs_b + h * vs_h
+    vz_ptr += b * vs_b + h * vs_h
+    # fp16 parts: rows start on 16 bytes (_fp_view), so that they load as vectors; the strides are rounded
+    # here because a hint on an argument does not take
+    sk_ptr += tl.multiple_of(b * skb + h * skh, 8)
+    sv_ptr += tl.multiple_of(b * svb + h * svh, 8)
+    kt_ptr += tl.multiple_of(b * ktb + h * kth, 8)
+    vt_ptr += tl.multiple_of(b * vtb + h * vth, 8)
+    skt, svt, ktt, vtt = skt // 8 * 8, svt // 8 * 8, ktt // 8 * 8, vtt // 8 * 8
+    mask_rows = mask_ptr + b * sm_b + qi * sm_q
+
+    m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((M_PAD,), tl.float32)
+    # Partials of the real rows only: [B * HKV, n_parts, NR] m, l and [.., NR, D] acc.
+    part = (pid_bh.to(tl.int64) * n_parts + pid_s) * NR
+
+    # Lean program i streams lean tiles [i * TPS, (i + 1) * TPS); generic programs write parts n_split + gi.
     if ROLE == ROLE_LEAN:
-        p = tl.program_id(0)
-        total, used = _lean_shares(n_pairs, n_lean, n_programs, min_tiles)
-        g0 = tl.minimum(p.to(tl.int64) * total // used, total)
-        g1 = tl.minimum((p + 1).to(tl.int64) * total // used, total)
-        per_pair = tl.maximum(n_lean, 1)
-        first_pair = (g0 // per_pair).to(tl.int32)
-        end_pair = tl.where(g1 > g0, (g1 + per_pair - 1) // per_pair, first_pair).to(tl.int32)
+        v0 = pid_s * TPS
+        v1 = tl.minimum(v0 + TPS, n_lean)
         KPER: tl.constexpr = 8 // KBITS
         VPER: tl.constexpr = 8 // VBITS
         R4: tl.constexpr = BN // KPER
         r = tl.arange(0, R4)
+        accT = tl.zeros((D, M_PAD), tl.float32)  # values are the A operand: channels on M, rows on N
+        zacc = tl.zeros((M_PAD,), tl.float32)  # the value zero terms
         kb = tl.arange(0, NB_PAD)
         kb_ok = kb < NB
-        for pair in range(first_pair, end_pair):
-            b = tl.cast(pair // HKV, tl.int64)  # batch offsets of a long context overflow int32
-            h = pair % HKV
-            _, qf, q_rows, row_ok, qi = _query_rows(q_ptr, sq_b, sq_h, sq_t, b, h, qk_scale, N_REP, QLEN, M_PAD, D,
-                                                    DTYPE)
-            # Every packed field is contiguous within a (batch, head) and its rows are whole bytes of D channels.
-            lo_pair = lo_ptr + tl.multiple_of(b * lo_b + h * lo_h, D)
-            ks_pair = ks_ptr + tl.multiple_of(b * ks_b + h * ks_h, D)
-            kz_pair = kz_ptr + tl.multiple_of(b * ks_b + h * ks_h, D)
-            hi_pair = hi_ptr + b * hi_b + h * hi_h
-            idx_pair = idx_ptr + b * ix_b + h * ix_h
-            vc_pair = vc_ptr + tl.multiple_of(b * vc_b + h * vc_h, D * VBITS // 8)
-            vs_pair = vs_ptr + b * vs_b + h * vs_h
-            vz_pair = vz_ptr + b * vs_b + h * vs_h
-            mask_rows = mask_ptr + b * sm_b + qi * sm_q
-            pair_start = tl.cast(pair, tl.int64) * n_lean
-            v0 = (tl.maximum(g0, pair_start) - pair_start).to(tl.int32)
-            v1 = (tl.minimum(g1, pair_start + n_lean) - pair_start).to(tl.int32)
-            m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
-            l_i = tl.zeros((M_PAD,), tl.float32)
-            accT = tl.zeros((D, M_PAD), tl.float32)  # values are the A operand: channels on M, rows on N
-            zacc = tl.zeros((M_PAD,), tl.float32)  # the value zero terms
-            for j in range(v0, v1):
-                t0 = j * BN
-                grp = t0 // G
-                kscale = tl.load(ks_pair + grp * D + d).to(tl.float32)
-                kzero = tl.load(kz_pair + grp * D + d).to(tl.float32)
-                qsT = tl.trans((qf * kscale[None, :]).to(tl.float16))
-                zq = tl.sum(qf * kzero[None, :], axis=1)
-                kbytes = tl.load(lo_pair + (t0 // KPER + r)[:, None] * D + d[None, :])  # [R4, D]
-                # Value byte rows t0 / VPER + r, four interleaved per channel (ValueTokenCodec), are R4 / 4 whole rows
-                # of 4 D contiguous bytes: loaded as such (16-byte copies; indexed as [D, R4] directly, Triton copied
-                # them 4 bytes at a time), then [row, 4 c + s] -> vbT [c, 4 row + s]
-                vrows = tl.load(vc_pair + (t0 // (4 * VPER) + tl.arange(0, R4 // 4))[:, None] * (4 * D)
-                                + tl.arange(0, 4 * D)[None, :])
-                vbT = tl.reshape(tl.permute(tl.reshape(vrows, (R4 // 4, D, 4)), (1, 0, 2)), (D, R4))
-                qbT = qsT  # placeholders when there is no boost
-                hbytes = kbytes
-                if NB > 0:
-                    ch = tl.load(idx_pair + grp * NB + kb, mask=kb_ok, other=0).to(tl.int32)
-                    bscale = tl.load(ks_pair + grp * D + ch, mask=kb_ok, other=0.0).to(tl.float32)
-                    bscale *= (1 << KBITS) * qk_scale
-                    qbf = tl.load(q_rows[None, :] + ch[:, None], mask=row_ok[None, :] & kb_ok[:, None], other=0.0)
-                    qbT = (qbf.to(tl.float32) * bscale[:, None]).to(tl.float16)  # [NB_PAD, M]
-                    hbytes = tl.load(hi_pair + (t0 // KPER + r)[:, None] * NB + kb[None, :], mask=kb_ok[None, :],
-                                     other=0)
-                # One softmax update per tile: the KPER logit sub-tiles are independent products, and every
-                # reduction over tokens (max, sum, value zero term) is taken once, on their elementwise combination.
-                s0 = _lean_logits(kbytes, hbytes, 0, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
-                s1 = _lean_logits(kbytes, hbytes, 1, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
-                mx = tl.maximum(s0, s1)
-                if KPER == 4:
-                    s2 = _lean_logits(kbytes, hbytes, 2, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
-                    s3 = _lean_logits(kbytes, hbytes, 3, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
-                    mx = tl.maximum(mx, tl.maximum(s2, s3))
-                m_new = tl.maximum(m_i, tl.max(mx, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-                alpha = tl.exp2(m_i - m_safe)
-                m_i = m_new
-                accT = accT * alpha[None, :]
-                p0 = tl.exp2(s0 - m_safe[None, :])
-                p1 = tl.exp2(s1 - m_safe[None, :])
-                psum = p0 + p1
-                z0, accT = _lean_pv(p0, 0, t0, accT, vbT, vs_pair, vz_pair, D, R4, VPER, GV)
-                z1, accT = _lean_pv(p1, 1, t0, accT, vbT, vs_pair, vz_pair, D, R4, VPER, GV)
-                zsum = z0 + z1
-                if KPER == 4:
-                    p2 = tl.exp2(s2 - m_safe[None, :])
-                    p3 = tl.exp2(s3 - m_safe[None, :])
-                    psum += p2 + p3
-                    z2, accT = _lean_pv(p2, 2, t0, accT, vbT, vs_pair, vz_pair, D, R4, VPER, GV)
-                    z3, accT = _lean_pv(p3, 3, t0, accT, vbT, vs_pair, vz_pair, D, R4, VPER, GV)
-                    zsum += z2 + z3
-                l_i = l_i * alpha + tl.sum(psum, axis=0)
-                zacc = zacc * alpha + tl.sum(zsum, axis=0)
-            if GV == D:  # p carried 2^(E_J) per field (_lean_pv)
-                accT *= _exp2i(24 - (8 - VBITS) // 2)
-            part = (tl.cast(pair, tl.int64) * n_parts + p - _lean_program_of(pair_start, total, used)) * NR
-            tl.store(pacc_ptr + (part + rows)[:, None] * D + d[None, :], tl.trans(accT) + zacc[:, None],
-                     mask=row_ok[:, None])
-            n_arrive = _lean_partials(pair, n_lean, total, used) + N_GENERIC
-            _store_partial_and_merge(m_i, l_i, part, rows, row_ok, pair, n_arrive, n_parts, pm_ptr,
-                                     pl_ptr, pacc_ptr, out_ptr, ticket_ptr, so_b, so_t, so_h, HKV, N_REP, QLEN, D,
-                                     MERGE_RP, MERGE_CH)
+        for j in range(v0, v1):
+            t0 = j * BN
+            grp = t0 // G
+            kscale = tl.load(ks_ptr + grp * D + d).to(tl.float32)
+            kzero = tl.load(kz_ptr + grp * D + d).to(tl.float32)
+            qsT = tl.trans((qf * kscale[None, :]).to(tl.float16))
+            zq = tl.sum(qf * kzero[None, :], axis=1)
+            kbytes = tl.load(lo_ptr + (t0 // KPER + r)[:, None] * D + d[None, :])  # [R4, D]
+            # Value byte rows t0 / VPER + r, four interleaved per channel (ValueTokenCodec), are R4 / 4 whole rows
+            # of 4 D contiguous bytes: loaded as such (16-byte copies; indexed as [D, R4] directly, Triton copied
+            # them 4 bytes at a time), then [row, 4 c + s] -> vbT [c, 4 row + s]
+            vrows = tl.load(vc_ptr + (t0 // (4 * VPER) + tl.arange(0, R4 // 4))[:, None] * (4 * D)
+                            + tl.arange(0, 4 * D)[None, :])
+            vbT = tl.reshape(tl.permute(tl.reshape(vrows, (R4 // 4, D, 4)), (1, 0, 2)), (D, R4))
+            qbT = qsT  # placeholders when there is no boost
+            hbytes = kbytes
+            if NB > 0:
+                ch = tl.load(idx_ptr + grp * NB + kb, mask=kb_ok, other=0).to(tl.int32)
+                bscale = tl.load(ks_ptr + grp * D + ch, mask=kb_ok, other=0.0).to(tl.float32) * ((1 << KBITS) * qk_scale)
+                qbf = tl.load(q_rows[None, :] + ch[:, None], mask=row_ok[None, :] & kb_ok[:, None], other=0.0)
+                qbT = (qbf.to(tl.float32) * bscale[:, None]).to(tl.float16)  # [NB_PAD, M]
+                hbytes = tl.load(hi_ptr + (t0 // KPER + r)[:, None] * NB + kb[None, :], mask=kb_ok[None, :], other=0)
+            # One softmax update per tile: the KPER logit sub-tiles are independent products, and every
+            # reduction over tokens (max, sum, value zero term) is taken once, on their elementwise combination.
+            s0 = _lean_logits(kbytes, hbytes, 0, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+            s1 = _lean_logits(kbytes, hbytes, 1, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+            mx = tl.maximum(s0, s1)
+            if KPER == 4:
+                s2 = _lean_logits(kbytes, hbytes, 2, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+                s3 = _lean_logits(kbytes, hbytes, 3, t0, qsT, zq, qbT, mask_rows, S, R4, KPER, KBITS, NB, HAS_MASK)
+                mx = tl.maximum(mx, tl.maximum(s2, s3))
+            m_new = tl.maximum(m_i, tl.max(mx, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            alpha = tl.exp2(m_i - m_safe)
+            m_i = m_new
+            accT = accT * alpha[None, :]
+            p0 = tl.exp2(s0 - m_safe[None, :])
+            p1 = tl.exp2(s1 - m_safe[None, :])
+            psum = p0 + p1
+            z0, accT = _lean_pv(p0, 0, t0, accT, vbT, vs_ptr, vz_ptr, D, R4, VPER, GV)
+            z1, accT = _lean_pv(p1, 1, t0, accT, vbT, vs_ptr, vz_ptr, D, R4, VPER, GV)
+            zsum = z0 + z1
+            if KPER == 4:
+                p2 = tl.exp2(s2 - m_safe[None, :])
+                p3 = tl.exp2(s3 - m_safe[None, :])
+                psum += p2 + p3
+                z2, accT = _lean_pv(p2, 2, t0, accT, vbT, vs_ptr, vz_ptr, D, R4, VPER, GV)
+                z3, accT = _lean_pv(p3, 3, t0, accT, vbT, vs_ptr, vz_ptr, D, R4, VPER, GV)
+                zsum += z2 + z3
+            l_i = l_i * alpha + tl.sum(psum, axis=0)
+            zacc = zacc * alpha + tl.sum(zsum, axis=0)
+        if GV == D:  # p carried 2^(E_J) per field (_lean_pv)
+            accT *= _exp2i(24 - (8 - VBITS) // 2)
+        tl.store(pacc_ptr + (part + rows)[:, None] * D + d[None, :], tl.trans(accT) + zacc[:, None],
+                 mask=row_ok[:, None])
 
     # Generic programs: straight loops over sink tiles, boundary tiles (quantized keys, values
     # quantized or not) and tail tiles.
     if ROLE == ROLE_GENERIC:
         # The zones' tiles are numbered one after the other and dealt round-robin: generic program gi takes
         # tiles gi, gi + N_GENERIC, ..., so no program takes two while another one idles.
-        gi = tl.program_id(0)
-        pair = tl.program_id(1)
-        b = tl.cast(pair // HKV, tl.int64)  # batch offsets of a long context overflow int32
-        h = pair % HKV
-        q, qf, q_rows, row_ok, qi = _query_rows(q_ptr, sq_b, sq_h, sq_t, b, h, qk_scale, N_REP, QLEN, M_PAD, D,
-                                                DTYPE)
-        # Every packed field is contiguous within a (batch, head) and its rows are whole bytes of D channels.
-        lo_ptr += tl.multiple_of(b * lo_b + h * lo_h, D)
-        ks_ptr += tl.multiple_of(b * ks_b + h * ks_h, D)
-        kz_ptr += tl.multiple_of(b * ks_b + h * ks_h, D)
-        hi_ptr += b * hi_b + h * hi_h
-        idx_ptr += b * ix_b + h * ix_h
-        vc_ptr += tl.multiple_of(b * vc_b + h * vc_h, D * VBITS // 8)
-        vs_ptr += b * vs_b + h * vs_h
-        vz_ptr += b * vs_b + h * vs_h
-        # fp16 parts: rows start on 16 bytes (_fp_view), so that they load as vectors; the strides are rounded
-        # here because a hint on an argument does not take
-        sk_ptr += tl.multiple_of(b * skb + h * skh, 8)
-        sv_ptr += tl.multiple_of(b * svb + h * svh, 8)
-        kt_ptr += tl.multiple_of(b * ktb + h * kth, 8)
-        vt_ptr += tl.multiple_of(b * vtb + h * vth, 8)
-        skt, svt, ktt, vtt = skt // 8 * 8, svt // 8 * 8, ktt // 8 * 8, vtt // 8 * 8
-        mask_rows = mask_ptr + b * sm_b + qi * sm_q
-        m_i = tl.full((M_PAD,), float("-inf"), tl.float32)
-        l_i = tl.zeros((M_PAD,), tl.float32)
+        gi = pid_s - n_split
         n_sink_tiles = tl.cdiv(S, BNG)
         t_start = n_lean * BN
         n_bound_tiles = (Tk - t_start) // BNG
@@ -610,8 +526,6 @@ def _decode_kernel(
                 s, keep, m_i, l_i, acc0, acc1, acc2, acc3, 0, 0, False, vc_ptr, vs_ptr, vz_ptr,
                 vt_ptr, vrow, ok, vtt, BNG, D, NCH, VBITS, GV)
 
-        pair_parts = tl.cast(pair, tl.int64) * n_parts
-        part = (pair_parts + lean_slots + gi) * NR
         dst = pacc_ptr + (part + rows)[:, None] * D + tl.arange(0, D // NCH)[None, :]
         tl.store(dst, acc0, mask=row_ok[:, None])
         if NCH >= 2:
@@ -619,18 +533,13 @@ def _decode_kernel(
         if NCH >= 4:
             tl.store(dst + 2 * D // NCH, acc2, mask=row_ok[:, None])
             tl.store(dst + 3 * D // NCH, acc3, mask=row_ok[:, None])
-        total, used = _lean_shares(n_pairs, n_lean, n_programs, min_tiles)
-        from_lean = _lean_partials(pair, n_lean, total, used)
-        if gi == 0:  # the lean slots no share reaches: empty partials
-            for slot in range(from_lean, lean_slots):
-                empty = (pair_parts + slot) * NR + rows
-                tl.store(pm_ptr + empty, tl.full((M_PAD,), float("-inf"), tl.float32), mask=row_ok)
-                tl.store(pl_ptr + empty, tl.zeros((M_PAD,), tl.float32), mask=row_ok)
-                tl.store(pacc_ptr + empty[:, None] * D + d[None, :], tl.zeros((M_PAD, D), tl.float32),
-                         mask=row_ok[:, None])
-        _store_partial_and_merge(m_i, l_i, part, rows, row_ok, pair, from_lean + N_GENERIC, n_parts, pm_ptr, pl_ptr,
-                                 pacc_ptr, out_ptr, ticket_ptr, so_b, so_t, so_h, HKV, N_REP, QLEN, D, MERGE_RP,
-                                 MERGE_CH)
+    tl.store(pm_ptr + part + rows, m_i, mask=row_ok)
+    tl.store(pl_ptr + part + rows, l_i, mask=row_ok)
+    if MERGE_CH > 0:
+        mrows = tl.arange(0, MERGE_RP)
+        dst = out_ptr + b * so_b + (mrows % QLEN) * so_t + (h * N_REP + mrows // QLEN) * so_h
+        _merge_if_last(ticket_ptr + pid_bh, n_parts, pm_ptr, pl_ptr, pacc_ptr, pid_bh.to(tl.int64) * n_parts * NR,
+                       mrows, mrows < NR, dst, NR, D, MERGE_RP, MERGE_CH)
 
 
 @triton.jit(do_not_specialize=["n_parts", "so_b", "so_t", "so_h"])
@@ -869,12 +778,14 @@ def generic_programs(bh: int, sms: int) -> int:
     return max(1, min(N_GENERIC, GENERIC_PER_SM * sms // bh))
 
 
-def plan_lean(n_lean: int, pairs: int, sms: int, per_sm: int) -> tuple[int, int]:
-    """(lean programs, partial slots per (batch, KV head) for them) for ``n_lean`` lean tiles per pair: at most
-    ``per_sm`` programs per SM, each taking an equal share (within a tile) of all pairs' tiles in order, of
-    LEAN_MIN_TILES tiles at least. A share reaches at most ceil(programs / pairs) + 1 pairs' partials."""
-    programs = min(per_sm * sms, max(1, n_lean * pairs // LEAN_MIN_TILES)) if n_lean else 0
-    return programs, (-(-programs // pairs) + 1 if programs else 0)
+def plan_splits(n_lean: int, bh: int, sms: int, per_sm: int) -> tuple[int, int]:
+    """(lean tiles per program, lean programs per (batch, KV head)): at most ``per_sm`` programs per SM,
+    >= LEAN_MIN_TILES tiles each."""
+    if n_lean == 0:
+        return 1, 0
+    want = max(1, per_sm * sms // bh)
+    tps = max(min(LEAN_MIN_TILES, n_lean), -(-n_lean // want))
+    return tps, -(-n_lean // tps)
 
 
 def fused_attend(layer, query: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -958,9 +869,9 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         planned = capacity // BN if lean else 0
     lean_cap, per_sm = lean_occupancy(kc)
     sms = _num_sms(dev)
-    n_programs, lean_slots = plan_lean(planned, B * HKV, sms, per_sm)
+    tps, n_split = plan_splits(planned, B * HKV, sms, per_sm)
     n_generic = generic_programs(B * HKV, sms)
-    n_parts = lean_slots + n_generic  # + the generic programs (sinks, boundary zone, tails)
+    n_parts = n_split + n_generic  # + the generic programs (sinks, boundary zone, tails)
     NR = n_rep * QLEN
     pm, pl, pacc, tickets = partials(B * HKV, n_parts, NR, D, dev)
     out = torch.empty(B, QLEN, HQ, D, dtype=dtype, device=dev)
@@ -975,7 +886,7 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
         *bh(lo), *bh(ks), *bh(hi), *bh(idx), *bh(vcodes), *bh(vs),
         mask_u8, sm_b, sm_q,
         pm, pl, pacc, out, out.stride(0), out.stride(1), out.stride(2), tickets,
-        S, Tk, Tv, Rk, n_lean, B * HKV, n_programs, LEAN_MIN_TILES, lean_slots, scale,
+        S, Tk, Tv, Rk, n_lean, n_split, tps, scale,
         step, meta, KR, VR,
     )
     consts = dict(
@@ -990,13 +901,13 @@ def _launch(layer, query: torch.Tensor, scaling: float | None, HKV: int, lengths
     # generic ones take the slots they free, instead of every SM's registers while the lean programs wait (H100,
     # docs/kernels.md, thirteenth session: 16 x 4K step kivi-2 -2.1%, kitty-pro -0.7%; 8 x 32K kernel -5% / -3%;
     # 1 x 4K step +1.3% / -1.5%).
-    side = _side_stream(_cuda_index(dev)) if n_programs and CONCURRENT_GENERIC and dev.type == "cuda" else None
+    side = _side_stream(_cuda_index(dev)) if n_split and CONCURRENT_GENERIC and dev.type == "cuda" else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(dev))
-    if n_programs:
-        _decode_kernel[(n_programs,)](*args, **consts, ROLE=ROLE_LEAN.value, num_warps=LEAN_WARPS,
-                                      num_stages=LEAN_STAGES, **_reg_cap(lean_cap),
-                                      MERGE_CH=merge_chunk(n_parts, merge_rp, D, LEAN_WARPS))
+    if n_split:
+        _decode_kernel[(n_split, B * HKV)](*args, **consts, ROLE=ROLE_LEAN.value, num_warps=LEAN_WARPS,
+                                           num_stages=LEAN_STAGES, **_reg_cap(lean_cap),
+                                           MERGE_CH=merge_chunk(n_parts, merge_rp, D, LEAN_WARPS))
     with torch.cuda.stream(side):
         _decode_kernel[(n_generic, B * HKV)](
             *args, **consts, ROLE=ROLE_GENERIC.value, num_warps=GENERIC_WARPS, num_stages=GENERIC_STAGES,

@@ -159,9 +159,9 @@ def _dense_decode_kernel(q_ptr, sq_b, sq_h, k_ptr, v_ptr, cap, mask_ptr, sm_b, p
     tl.store(pacc_ptr + (part + rows)[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
     if MERGE_CH > 0:
         mrows = tl.arange(0, MERGE_RP)
-        _merge_if_last(ticket_ptr + pid_bh, n_parts, n_parts, pm_ptr, pl_ptr, pacc_ptr,
-                       pid_bh.to(tl.int64) * n_parts * N_REP, mrows, mrows < N_REP,
-                       out_ptr + b * so_b + (h * N_REP + mrows) * so_h, N_REP, D, MERGE_RP, MERGE_CH)
+        _merge_if_last(ticket_ptr + pid_bh, n_parts, pm_ptr, pl_ptr, pacc_ptr, pid_bh.to(tl.int64) * n_parts * N_REP,
+                       mrows, mrows < N_REP, out_ptr + b * so_b + (h * N_REP + mrows) * so_h, N_REP, D, MERGE_RP,
+                       MERGE_CH)
 
 
 def dense_split(capacity: int, bh: int, device: torch.device, block: int = 64) -> tuple[int, int]:
