@@ -22,8 +22,8 @@ so ``Tk >= Tv``). Two launches of one kernel (``ROLE``):
 * up to ``N_GENERIC`` programs per (batch row, KV head) handle the rest (sinks, the zone whose keys are
   quantized but values not yet, the fp16 tails; a few tiles, dealt round-robin), in three
   straight loops (no data-dependent branch that yields tensors: Triton 3.6 miscompiled that
-  form, see docs/kernels.md). They are launched first, on a side stream, so that they may run beside
-  the lean programs (which leave them few registers: mostly they run before).
+  form, see docs/kernels.md). They are launched after the lean programs, on a side stream, and take
+  the SMs' slots as the lean programs free them.
 
 The partial softmax results (log-sum-exp) are merged by the last program of each (batch row, KV head) to
 finish (an arrival counter per pair), or, where a pair has more than ``MERGE_PARTS`` programs, by a merge
