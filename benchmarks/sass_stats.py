@@ -8,10 +8,12 @@ it with the ``ptxas`` and ``cuobjdump`` that Triton's wheel ships:
         --platform manylinux_2_27_x86_64 -d /tmp/w triton==3.6.0
     python -m zipfile -e /tmp/w/triton-3.6.0-*.whl /tmp/t36 && chmod +x /tmp/t36/triton/backends/nvidia/bin/*
     PYTHONPATH=/tmp/t36 python benchmarks/sass_stats.py --bits 2 [--boost 25] [--role lean|generic] [--maxnreg N]
-        [--tile 128]
+        [--tile 128] [--loads]
 
 Loops are backward branches' bodies, largest first: the lean role's one loop is a tile of 64 (or 128) tokens;
 the generic role's are its boundary, tail and sink loops (one tile of the default GENERIC_TILE tokens each).
+``--loads`` shows which global loads Triton pipelines (``LDGSTS``: cp.async into shared memory) and which it issues
+as plain ``LDG`` outside the pipeline.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ def compile_kernel(bits: int, boost: int, role: int, maxnreg: int, tile: int, me
     return usage, sass
 
 
-def loops(sass: str) -> list[tuple[int, collections.Counter]]:
-    """(instruction count, opcode histogram) of every loop (a backward branch) in the SASS, largest first."""
+def loops(sass: str) -> list[tuple[int, collections.Counter, list[str]]]:
+    """(instruction count, opcode histogram, global memory instructions) of every loop (a backward branch) in the
+    SASS, largest first."""
     code = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
     index = {a: i for i, (a, _) in enumerate(code)}
     found = []
@@ -77,8 +80,9 @@ def loops(sass: str) -> list[tuple[int, collections.Counter]]:
         target = int(m.group(1), 16) if m else a
         if target < a and target in index:
             body = code[index[target]:i + 1]
-            found.append((len(body), collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
-                                                         for _, t in body)))
+            ops = [re.sub(r"^@!?U?P\w+\s+", "", t) for _, t in body]
+            found.append((len(body), collections.Counter(op.split()[0].split(".")[0] for op in ops),
+                          [op.split()[0] for op in ops if op.split()[0].split(".")[0] in ("LDG", "LDGSTS", "STG")]))
     return sorted(found, key=lambda x: -x[0])
 
 
@@ -91,6 +95,8 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=64, choices=[64, 128], help="lean tile tokens")
     p.add_argument("--no-merge", action="store_true", help="without the merge by the last program")
     p.add_argument("--generic-warps", type=int, default=4, choices=[1, 2, 4])
+    p.add_argument("--loads", action="store_true",
+                   help="also count each loop's global loads and stores by kind and width")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         role = 1 if args.role == "lean" else 2
@@ -100,9 +106,11 @@ def main() -> None:
     spills = re.findall(r"(\d+) bytes spill stores", usage)
     found = loops(sass)
     print(f"registers {regs[-1] if regs else '?'}, spill stores {spills[-1] if spills else '?'} B, "
-          f"loops of {', '.join(str(n) for n, _ in found)} instructions")
-    for n, ops in found:
+          f"loops of {', '.join(str(n) for n, _, _ in found)} instructions")
+    for n, ops, memory in found:
         print(f"{n:5d}: " + " ".join(f"{op}:{c}" for op, c in ops.most_common(20)))
+        if args.loads:
+            print("       " + " ".join(f"{op}:{c}" for op, c in collections.Counter(memory).most_common()))
 
 if __name__ == "__main__":
     main()
