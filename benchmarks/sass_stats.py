@@ -80,9 +80,10 @@ def loops(sass: str) -> list[tuple[int, collections.Counter, list[str]]]:
         target = int(m.group(1), 16) if m else a
         if target < a and target in index:
             body = code[index[target]:i + 1]
-            ops = [re.sub(r"^@!?U?P\w+\s+", "", t) for _, t in body]
-            found.append((len(body), collections.Counter(op.split()[0].split(".")[0] for op in ops),
-                          [op.split()[0] for op in ops if op.split()[0].split(".")[0] in ("LDG", "LDGSTS", "STG")]))
+            names = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for _, t in body]  # e.g. LDGSTS.E.BYPASS.128
+            kinds = [name.split(".")[0] for name in names]
+            found.append((len(body), collections.Counter(kinds),
+                          [name for name, kind in zip(names, kinds) if kind in ("LDG", "LDGSTS", "STG")]))
     return sorted(found, key=lambda x: -x[0])
 
 
